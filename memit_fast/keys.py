@@ -1,0 +1,75 @@
+"""Keys k^l (MEMIT.md section 3) and the current block-L outputs at the subject (section 5, step 2),
+read in one forward pass per layer with the current weights.
+
+Each prompt is cut right after the subject's token (causality: nothing after it changes what is
+read there), and the pass stops after block L. Keys are averaged over the templates in two
+levels, as the original: within each template group, then across groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .edit_requests import EditRequest
+from .hparams import MEMITHyperParams
+from .model_access import StopForward, block_output, float_dtype, get_module, hooks, model_device, run_until_stop
+from .templates import flatten, group_index
+from .tokens import encode_prompt, length_batches, pad_id, pad_right
+
+
+def key_rows(tok, requests: list[EditRequest], templates: list[list[str]], fact_token: str) -> list[list[int]]:
+    """Per request and template (request-major), the prompt's ids cut after the lookup token."""
+    rows = []
+    for r in requests:
+        for template in flatten(templates):
+            t_before, t_after = template.split("{}")
+            enc = encode_prompt(tok, t_before + r.before, r.subject, r.after + t_after, fact_token)
+            rows.append(enc.ids[: enc.lookup + 1])
+    return rows
+
+
+@torch.no_grad()
+def compute_keys_and_values(
+    model,
+    tok,
+    rows: list[list[int]],
+    n_requests: int,
+    hparams: MEMITHyperParams,
+    layer: int,
+    templates: list[list[str]],
+    *,
+    batch_tokens: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K (n, d_ff), cur (n, d_model)) in float_dtype(model): the averaged key at `layer` and block L's output at
+    the subject of the bare prompt ("{}", the first template), one row per request."""
+    device, dtype = model_device(model), float_dtype(model)
+    L = hparams.layers[-1]
+    rewrite = get_module(model, hparams.rewrite_module_tmp.format(layer))
+    block_L = get_module(model, hparams.layer_module_tmp.format(L))
+    n_t = len(rows) // n_requests
+    keys, values = [], []
+    state = {}
+
+    def grab_key(_m, args):
+        keys.append(args[0][state["rows"], state["cols"]].to(dtype))
+
+    def grab_value(_m, _args, output):
+        values.append(block_output(output)[state["rows"], state["cols"]].to(dtype))
+        raise StopForward
+
+    batches = length_batches([len(r) for r in rows], batch_tokens)
+    with hooks(rewrite.register_forward_pre_hook(grab_key), block_L.register_forward_hook(grab_value)):
+        for batch in batches:
+            ids, mask = pad_right([rows[i] for i in batch], pad_id(tok), device)
+            state["rows"] = torch.arange(len(batch), device=device)
+            state["cols"] = mask.sum(1) - 1
+            run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
+    order = torch.tensor([i for b in batches for i in b], device=device)
+    k_all = torch.empty(len(rows), keys[0].shape[1], device=device, dtype=dtype)
+    v_all = torch.empty(len(rows), values[0].shape[1], device=device, dtype=dtype)
+    k_all[order], v_all[order] = torch.cat(keys), torch.cat(values)
+    k_all, v_all = k_all.view(n_requests, n_t, -1), v_all.view(n_requests, n_t, -1)
+    groups = torch.tensor(group_index(templates), device=device)
+    n_groups = int(groups.max()) + 1
+    k = torch.stack([k_all[:, groups == g].mean(1) for g in range(n_groups)], 1).mean(1)
+    return k, v_all[:, 0]

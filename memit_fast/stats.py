@@ -1,0 +1,266 @@
+"""Covariance statistics C^l = E[k k^T] of the keys of each critical layer (MEMIT.md section 4).
+
+Fast path: ONE forward pass per batch of text captures the keys of all requested layers at once
+and stops after the last of them; padding is masked out; each batch's k^T k is formed in float32
+and added into a float64 sum with the token count. The reference path (`one_pass_per_layer`)
+does what the original does: one pass per layer, stopped at that layer.
+
+Results are cached as safetensors, one file per layer, keyed by the model's fingerprint, the
+layer's module, the corpus id, the sample count, the sequence-length cap and the dtype; the key
+is also stored inside the file and checked on load, and files are written atomically.
+Statistics are sums: shards computed on several GPUs add up (sum and count) before the mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .corpus import load_corpus
+from .errors import StatsError
+from .hparams import MEMITHyperParams
+from .model_access import StopForward, get_module, hooks, model_device, rewrite_weights, run_until_stop
+from .tokens import length_batches, pad_id, pad_right
+
+FORMAT_VERSION = "1"
+DEFAULT_MAX_LENGTH = 1024
+MODEL_SAMPLE_LENGTH = 128  # tokens per document when the corpus is sampled from the model
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEMIT_FAST_CACHE", Path.home() / ".cache" / "memit_fast"))
+
+
+def model_fingerprint(model, hparams: MEMITHyperParams) -> str:
+    """A hash of the model's parameters, leaving out every MLP output projection (the weights MEMIT
+    edits), so statistics stay valid for an edited model as in the original. Values are rounded
+    to bfloat16 first, so a float32 model and its bfloat16 copy share statistics."""
+    pattern = re.compile(re.escape(hparams.rewrite_module_tmp).replace(r"\{\}", r"\d+") + r"\.")
+    h = hashlib.sha256(json.dumps(_config_identity(model.config), sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        if pattern.match(name):
+            continue
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 257), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _config_identity(config) -> dict:
+    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_hidden_layers", "n_layer")
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    model: str  # fingerprint
+    module: str  # rewrite module name, e.g. "model.layers.4.mlp.down_proj"
+    corpus: str
+    n_samples: int
+    max_length: int
+    dtype: str
+
+    def as_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+    def path(self, cache_dir: Path) -> Path:
+        digest = hashlib.sha256(json.dumps(self.as_metadata(), sort_keys=True).encode()).hexdigest()[:16]
+        return Path(cache_dir) / "stats" / self.model / f"{self.module}.{digest}.safetensors"
+
+
+@dataclass
+class LayerStats:
+    """mom2 = E[k k^T] (d_ff, d_ff) over `count` tokens."""
+
+    mom2: torch.Tensor
+    count: int
+
+
+def save_stats(path: Path, key: StatsKey, stats: LayerStats) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = key.as_metadata() | {"count": str(stats.count), "format": FORMAT_VERSION, "memit_fast": __version__}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"mom2": stats.mom2.contiguous().cpu()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_stats(path: Path, key: StatsKey | None = None) -> LayerStats:
+    """Load and check one layer's statistics; `key` given: refuse a file computed under another key."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            mom2 = f.get_tensor("mom2")
+    except Exception as e:
+        raise StatsError(f"statistics file {path} cannot be read ({type(e).__name__}: {e}); delete it to recompute") from None
+    if key is not None:
+        diff = {k: (meta.get(k), v) for k, v in key.as_metadata().items() if meta.get(k) != v}
+        if diff:
+            raise StatsError(f"statistics file {path} does not match this model/settings: " + ", ".join(f"{k}: file {a!r} != wanted {b!r}" for k, (a, b) in diff.items()))
+    count = int(meta.get("count", "0"))
+    check_stats(mom2, count, str(path))
+    return LayerStats(mom2, count)
+
+
+def check_stats(mom2: torch.Tensor, count: int, where: str) -> None:
+    if mom2.dim() != 2 or mom2.shape[0] != mom2.shape[1]:
+        raise StatsError(f"{where}: statistics must be a square matrix, got shape {tuple(mom2.shape)}")
+    if count <= 0:
+        raise StatsError(f"{where}: statistics were accumulated over {count} tokens")
+    if not torch.isfinite(mom2).all():
+        raise StatsError(f"{where}: statistics contain NaN or inf")
+
+
+class _Accumulator:
+    """sum of k k^T in float64 and the token count; each batch's product is formed in float32 (or float64)."""
+
+    def __init__(self, d: int, device):
+        self.sum = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        x = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        self.sum += (x.T @ x).double()
+        self.count += rows.shape[0]
+
+    def finish(self, dtype: torch.dtype) -> LayerStats:
+        return LayerStats((self.sum / max(self.count, 1)).to(dtype), self.count)
+
+
+def _accumulate(model, tok, module_names: list[str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, _Accumulator]:
+    """One forward per batch; pre-hooks capture the unpadded inputs of every named module; the pass
+    stops after the last of them."""
+    device = model_device(model)
+    modules = [get_module(model, n) for n in module_names]
+    accs = {n: _Accumulator(_in_features(m), device) for n, m in zip(module_names, modules)}
+    state = {}
+
+    def make_hook(name, last):
+        def hook(_module, args):
+            x = args[0]
+            accs[name].add(x[state["mask"]])
+            if last:
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n, i == len(modules) - 1)) for i, (n, m) in enumerate(zip(module_names, modules))]
+    docs = [e for e in (tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts) if e]
+    batches = [[docs[i] for i in b] for b in length_batches([len(d) for d in docs], batch_tokens)]
+    n_tokens = sum(map(len, docs))
+    with hooks(*handles), torch.no_grad(), tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+        for rows in batches:
+            ids, mask = pad_right(rows, pad_id(tok), device)
+            state["mask"] = mask.bool()
+            run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
+            bar.update(int(mask.sum()))
+    return accs
+
+
+def _in_features(module) -> int:
+    w = module.weight
+    return w.shape[1] if isinstance(module, torch.nn.Linear) else w.shape[0]
+
+
+def compute_stats(
+    model,
+    tok,
+    hparams: MEMITHyperParams | None = None,
+    layers: list[int] | None = None,
+    *,
+    corpus=None,
+    n_samples: int | None = None,
+    max_length: int | None = None,
+    batch_tokens: int | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    one_pass_per_layer: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[int, LayerStats]:
+    """E[k k^T] for each layer in `layers` (default hparams.layers), loaded from the cache or computed.
+
+    corpus: see `memit_fast.corpus` (default hparams.mom2_dataset); n_samples: documents
+    (default hparams.mom2_n_samples); max_length: tokens per document (default min(model context,
+    1024)); batch_tokens: padded tokens per forward pass.
+    """
+    from .presets import for_model
+
+    hparams = hparams or for_model(model)
+    layers = list(hparams.layers if layers is None else layers)
+    rewrite_weights(model, hparams.replace(layers=sorted(set(layers))))  # checks layers and module names
+    corpus = hparams.mom2_dataset if corpus is None else corpus
+    n_samples = hparams.mom2_n_samples if n_samples is None else n_samples
+    max_length = max_length or (MODEL_SAMPLE_LENGTH if corpus == "model" else _context_cap(model))
+    batch_tokens = batch_tokens or (32768 if model_device(model).type == "cuda" else 4096)
+    dtype = getattr(torch, hparams.mom2_dtype)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    corpus_id = _corpus_id(corpus, n_samples, max_length, seed)
+    fp = model_fingerprint(model, hparams)
+    keys = {layer: StatsKey(fp, hparams.rewrite_module_tmp.format(layer), corpus_id, n_samples, max_length, hparams.mom2_dtype) for layer in layers}
+    out: dict[int, LayerStats] = {}
+    if use_cache:
+        for layer, key in keys.items():
+            if key.path(cache_dir).exists():
+                out[layer] = load_stats(key.path(cache_dir), key)
+    todo = [layer for layer in layers if layer not in out]
+    if not todo:
+        return out
+
+    texts = load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress).texts
+    groups = [[layer] for layer in todo] if one_pass_per_layer else [todo]
+    for group in groups:
+        names = [keys[layer].module for layer in group]
+        desc = f"statistics, layer{'s' if len(group) > 1 else ''} {','.join(map(str, group))}"
+        accs = _accumulate(model, tok, names, texts, max_length, batch_tokens, progress, desc)
+        for layer, name in zip(group, names):
+            stats = accs[name].finish(dtype)
+            check_stats(stats.mom2, stats.count, f"layer {layer}")
+            out[layer] = stats
+            if use_cache:
+                save_stats(keys[layer].path(cache_dir), keys[layer], stats)
+    return {layer: out[layer] for layer in layers}
+
+
+def _corpus_id(corpus, n_samples: int, max_length: int, seed: int) -> str:
+    """The cache id of a corpus without loading it where possible (files hash their text)."""
+    from .corpus import _digest
+
+    if isinstance(corpus, (list, tuple)):
+        return f"texts-{_digest([t for t in corpus if isinstance(t, str) and t.strip()][:n_samples])}"
+    spec = os.fspath(corpus)
+    if os.path.isfile(spec):
+        return load_corpus(spec, n_samples).id
+    if spec == "model":
+        return f"model-sampled-seed{seed}-len{max_length}"
+    return f"hf-{spec}"
+
+
+def _context_cap(model) -> int:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if value:
+            return min(int(value), DEFAULT_MAX_LENGTH)
+    return DEFAULT_MAX_LENGTH

@@ -1,0 +1,331 @@
+"""Target values z_i at the last critical layer L, all requests of a chunk optimised together
+(MEMIT.md section 2), with the exact skips of "work a fast implementation may skip":
+
+1. each prompt is split at the subject's last token s: the prefix [0, s) never changes during the
+   optimisation, so its attention keys/values are computed once (a KV cache);
+2. layers 0..L run once, without gradients, over the suffix [s, end); each step runs only layers
+   L+1..v_loss_layer over the suffix, on top of the cached prefix;
+3. the vocabulary projection is taken at the target positions and the KL position only;
+4. a request that meets its stop rule (loss < 0.05) leaves the batch.
+
+Each request keeps its own loss, Adam state, early stop and norm clamp, and the total loss is the
+sum of the per-request losses, so the z are those of one-at-a-time optimisation (up to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .edit_requests import EditRequest
+from .hparams import MEMITHyperParams
+from .model_access import (
+    StopForward,
+    block_output,
+    decoder_layers,
+    float_dtype,
+    hooks,
+    lm_head_params,
+    model_device,
+    run_until_stop,
+    with_block_output,
+)
+from .templates import flatten
+from .tokens import encode_prompt, encode_target, pad_id, pad_right
+
+STOP_LOSS = 5e-2  # the original's early-stop threshold
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the original uses
+
+
+@dataclass
+class RequestRows:
+    """The prompts of one request: len(templates) rewriting rows, then the KL row "{subject} is a"."""
+
+    ids: list[list[int]]  # full rows: prompt tokens + target[:-1] (KL row: cut after the subject)
+    lookup: list[int]  # subject's token per row
+    target: list[int]  # target token ids (T)
+    target_start: list[int]  # per rewriting row: position whose logits predict target[0]
+
+
+def build_rows(tok, request: EditRequest, templates: list[str], fact_token: str) -> RequestRows:
+    target = encode_target(tok, request.target)
+    ids, lookup, starts = [], [], []
+    for template in templates:
+        t_before, t_after = template.split("{}")
+        enc = encode_prompt(tok, t_before + request.before, request.subject, request.after + t_after, fact_token)
+        ids.append(enc.ids + target[:-1])
+        lookup.append(enc.lookup)
+        starts.append(len(enc.ids) - 1)
+    kl = encode_prompt(tok, "", request.subject, " is a", fact_token)
+    ids.append(kl.ids[: kl.lookup + 1])
+    lookup.append(kl.lookup)
+    return RequestRows(ids, lookup, target, starts)
+
+
+@dataclass
+class _Chunk:
+    """Tensors of one chunk of B requests, rows request-major: r*(n_t+1) + j, j == n_t the KL row."""
+
+    prefix_ids: torch.Tensor  # (R, P)
+    prefix_mask: torch.Tensor  # (R, P)
+    suffix_ids: torch.Tensor  # (R, S)
+    suffix_mask: torch.Tensor  # (R, S)
+    suffix_pos: torch.Tensor  # (R, S) absolute positions
+    target_pos: torch.Tensor  # (B, n_t, T) suffix positions of the target logits
+    target_ids: torch.Tensor  # (B, n_t, T)
+    target_mask: torch.Tensor  # (B, n_t, T)
+
+
+def _make_chunk(rows: list[RequestRows], pad: int, device) -> _Chunk:
+    prefixes = [ids[:s] for r in rows for ids, s in zip(r.ids, r.lookup)]
+    suffixes = [ids[s:] for r in rows for ids, s in zip(r.ids, r.lookup)]
+    starts = [s for r in rows for s in r.lookup]
+    width = max(map(len, prefixes))
+    if width:
+        prefix_ids, prefix_mask = pad_right([p or [pad] for p in prefixes], pad, device)
+        prefix_mask[[i for i, p in enumerate(prefixes) if not p]] = 0
+    else:
+        prefix_ids = prefix_mask = torch.zeros(len(prefixes), 0, dtype=torch.long, device=device)
+    suffix_ids, suffix_mask = pad_right(suffixes, pad, device)
+    suffix_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(suffix_ids.shape[1], device=device)
+    n_t, T = len(rows[0].target_start), max(len(r.target) for r in rows)
+    target_pos = torch.zeros(len(rows), n_t, T, dtype=torch.long)
+    target_ids = torch.zeros(len(rows), n_t, T, dtype=torch.long)
+    target_mask = torch.zeros(len(rows), n_t, T)
+    for b, r in enumerate(rows):
+        for j in range(n_t):
+            n = len(r.target)
+            target_pos[b, j, :n] = torch.arange(n) + r.target_start[j] - r.lookup[j]
+            target_ids[b, j, :n] = torch.tensor(r.target)
+            target_mask[b, j, :n] = 1
+    return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device), target_ids.to(device), target_mask.to(device))
+
+
+def _cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
+    """A fresh DynamicCache holding the prefix keys/values of `rows`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[rows], v[rows], i)
+    return cache
+
+
+@contextmanager
+def _replace_blocks(blocks, upto: int, output_of_last):
+    """Blocks 0..upto-1 pass their input through and block `upto` returns `output_of_last()`, so a
+    forward pass starts at block upto+1 with the given hidden states."""
+
+    def passthrough(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return output_of_last.wrap(hidden)
+
+    def replaced(*args, **kwargs):
+        return output_of_last.wrap(output_of_last())
+
+    for i in range(upto):
+        blocks[i].forward = passthrough
+    blocks[upto].forward = replaced
+    try:
+        yield
+    finally:
+        for i in range(upto + 1):
+            del blocks[i].forward
+
+
+class _Injected:
+    """Holds the block-L hidden states to inject, and the output structure the blocks use."""
+
+    def __init__(self):
+        self.hidden, self.as_tuple = None, False
+
+    def __call__(self):
+        return self.hidden
+
+    def wrap(self, hidden):
+        return (hidden,) if self.as_tuple else hidden
+
+
+def compute_targets(
+    model,
+    tok,
+    requests: list[EditRequest],
+    hparams: MEMITHyperParams,
+    templates: list[list[str]],
+    *,
+    chunk_tokens: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one row per request."""
+    flat = flatten(templates)
+    rows = [build_rows(tok, r, flat, hparams.fact_token) for r in requests]
+    # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
+    budget = chunk_tokens or _default_chunk_tokens(model, hparams)
+    order = sorted(range(len(rows)), key=lambda i: max(len(ids) - s for ids, s in zip(rows[i].ids, rows[i].lookup)))
+    chunks, cur = [], []
+    for i in order:
+        width = max(max(len(ids) - s for ids, s in zip(rows[j].ids, rows[j].lookup)) for j in cur + [i])
+        if cur and (len(cur) + 1) * len(rows[i].ids) * width > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    chunks.append(cur)
+
+    z = torch.empty(len(rows), _d_model(model), dtype=float_dtype(model), device=model_device(model))
+    bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
+    for chunk in chunks:
+        z[chunk] = _optimise_chunk(model, tok, [rows[i] for i in chunk], hparams, bar)
+    bar.close()
+    return z
+
+
+def _d_model(model) -> int:
+    from .model_access import hidden_size
+
+    return hidden_size(model)
+
+
+def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
+    """Suffix tokens per chunk: a memory estimate of the activations kept for the backward pass."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return 4096
+    config = model.config
+    d = _d_model(model)
+    d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    elem = next(model.parameters()).element_size()
+    layers_run = max(hparams.v_loss_layer - hparams.layers[-1], 1)
+    per_token = layers_run * (10 * d + 4 * d_ff) * elem + 4 * config.vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1024, min(0.35 * free / per_token, 1 << 17)))
+
+
+def _optimise_chunk(model, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar) -> torch.Tensor:
+    device = model_device(model)
+    B, n_rows = len(rows), len(rows[0].ids)
+    n_t = n_rows - 1
+    L, loss_layer = hp.layers[-1], hp.v_loss_layer
+    c = _make_chunk(rows, pad_id(tok), device)
+    blocks = decoder_layers(model, hp)
+    ln_f, lm_w, lm_b = lm_head_params(model, hp)
+    base = model.base_model
+    injected = _Injected()
+
+    # Once: the prefix cache (all layers) and block L's output over the suffix, no gradients.
+    with torch.no_grad():
+        kv = []
+        if c.prefix_ids.shape[1]:
+            out = base(input_ids=c.prefix_ids, attention_mask=c.prefix_mask, use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        all_rows = torch.arange(B * n_rows, device=device)
+        captured = {}
+
+        def grab_L(_m, _args, output):
+            injected.as_tuple = isinstance(output, (tuple, list))
+            captured["h"] = block_output(output)
+            raise StopForward
+
+        with hooks(blocks[L].register_forward_hook(grab_L)):
+            run_until_stop(base, **_suffix_inputs(model, c, kv, all_rows))
+        h_L = captured["h"]  # (R, S, d)
+        # Only layers L+1..loss_layer read the prefix cache in the steps; the others keep a stub of
+        # its length (the model reads the cache length from layer 0).
+        kv = [(k, v) if L < i <= loss_layer else (k[..., :1].clone(), v[..., :1].clone()) for i, (k, v) in enumerate(kv)]
+
+    # delta and z in float32 as the original (float64 for a float64 model); bare template first.
+    h_init = h_L[torch.arange(B, device=device) * n_rows, 0].to(float_dtype(model))
+    max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
+    delta = torch.zeros_like(h_init, requires_grad=True)
+    m, v = torch.zeros_like(h_init), torch.zeros_like(h_init)
+    kl_init = None
+    active = torch.arange(B, device=device)
+    head_w = lm_w.T
+    for it in range(hp.v_num_grad_steps):
+        rows_a = (active[:, None] * n_rows + torch.arange(n_rows, device=device)).reshape(-1)
+        shift = torch.zeros_like(h_L[rows_a])
+        shift[:, 0] = delta[active].repeat_interleave(n_rows, 0).to(h_L.dtype)
+        injected.hidden = h_L[rows_a] + shift
+        if loss_layer == L:
+            final = injected.hidden
+        else:
+            final = _run_after(model, base, blocks, L, loss_layer, injected, _suffix_inputs(model, c, kv, rows_a))
+        final = final.view(len(active), n_rows, *final.shape[1:])
+
+        # NLL of the targets, averaged per prompt over its target tokens, then over prompts.
+        pos, ids, mask = c.target_pos[active], c.target_ids[active], c.target_mask[active]
+        reps = final[:, :n_t].gather(2, pos.view(len(active), n_t, -1, 1).expand(-1, -1, -1, final.shape[-1]))
+        logp = _log_probs(ln_f, head_w, lm_b, reps)
+        token_lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        nll = -(token_lp * mask).sum(-1) / mask.sum(-1)
+        nll = nll.mean(1)
+        # KL(p_now || p_before) of the next-token distribution at the subject of "{subject} is a".
+        kl_lp = _log_probs(ln_f, head_w, lm_b, final[:, n_t, 0])
+        if kl_init is None:
+            kl_init = kl_lp.detach().clone()
+        kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[active])).sum(-1)
+        decay = hp.v_weight_decay * delta[active].norm(dim=1) / h_init[active].norm(dim=1) ** 2
+        loss = nll + kl + decay
+
+        keep = loss.detach() >= STOP_LOSS
+        if it == hp.v_num_grad_steps - 1:
+            keep[:] = False
+        bar.update(int((~keep).sum()))
+        if not keep.any():
+            break
+        loss[keep].sum().backward()
+        with torch.no_grad():
+            _adam_step(delta, m, v, active[keep], it + 1, hp.v_lr)
+            idx = active[keep]
+            norms = delta[idx].norm(dim=1)
+            over = norms > max_norm[idx]
+            delta[idx[over]] *= (max_norm[idx[over]] / norms[over])[:, None]
+        delta.grad = None
+        active = active[keep]
+    return h_init + delta.detach()
+
+
+def _suffix_inputs(model, c: _Chunk, kv, rows: torch.Tensor) -> dict:
+    mask = c.suffix_mask[rows]
+    if kv:
+        mask = torch.cat([c.prefix_mask[rows], mask], dim=1)
+    return dict(
+        input_ids=c.suffix_ids[rows],
+        attention_mask=mask,
+        position_ids=c.suffix_pos[rows],
+        past_key_values=_cache(model, kv, rows) if kv else None,
+        use_cache=bool(kv),
+    )
+
+
+def _run_after(model, base, blocks, L: int, loss_layer: int, injected: _Injected, inputs: dict) -> torch.Tensor:
+    """Blocks L+1..loss_layer over the suffix, starting from injected.hidden; returns block loss_layer's output."""
+    captured = {}
+
+    def grab(_m, _args, output):
+        captured["h"] = block_output(output)
+        raise StopForward
+
+    with _replace_blocks(blocks, L, injected), hooks(blocks[loss_layer].register_forward_hook(grab)):
+        run_until_stop(base, **inputs)
+    return captured["h"]
+
+
+def _log_probs(ln_f, head_w: torch.Tensor, head_b, hidden: torch.Tensor) -> torch.Tensor:
+    logits = ln_f(hidden) @ head_w
+    if head_b is not None:
+        logits = logits + head_b
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _adam_step(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, step: int, lr: float) -> None:
+    """torch.optim.Adam's update (defaults, no weight decay) on the rows `idx`, which all took `step` steps."""
+    b1, b2 = ADAM_BETAS
+    g = param.grad[idx]
+    m[idx] = m[idx].lerp(g, 1 - b1)
+    v[idx] = (v[idx] * b2).addcmul(g, g, value=1 - b2)
+    denom = (v[idx].sqrt() / math.sqrt(1 - b2**step)).add(ADAM_EPS)
+    param[idx] = param[idx].addcdiv(m[idx], denom, value=-lr / (1 - b1**step))

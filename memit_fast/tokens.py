@@ -1,0 +1,84 @@
+"""Token ids of prompts and targets, and the position of the subject's token in a prompt.
+
+Works for any HF tokenizer: character offsets from a fast tokenizer where available, otherwise
+incremental encoding of the text up to the subject's end. Prompts are encoded with the
+tokenizer's special tokens (a BOS, say); targets without them, and are appended as ids, so the
+target tokens are the same in every prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RequestError
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    ids: list[int]
+    lookup: int  # index of the token where keys and values are read (fact_token)
+
+
+def encode_target(tok, target: str) -> list[int]:
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RequestError(f"target {target!r} encodes to no tokens")
+    return list(ids)
+
+
+def _subject_token_range(tok, text: str, start: int, end: int) -> tuple[list[int], int, int]:
+    """(ids, first, last): the tokens of `text` that cover characters [start, end)."""
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if not covering:
+            raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
+        return ids, covering[0], covering[-1]
+    ids = list(tok(text)["input_ids"])
+    n_before = len(tok(text[:start])["input_ids"])
+    n_through = len(tok(text[:end])["input_ids"])
+    if n_through <= n_before - (1 if n_before else 0) or n_through > len(ids):
+        raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
+    return ids, max(n_before - 1, 0) if n_through == n_before else n_before, n_through - 1
+
+
+def encode_prompt(tok, before: str, subject: str, after: str, fact_token: str = "subject_last") -> EncodedPrompt:
+    """Encode before + subject + after; `lookup` per fact_token: subject_last, subject_first or last."""
+    text = before + subject + after
+    start, end = len(before), len(before) + len(subject)
+    ids, first, last = _subject_token_range(tok, text, start, end)
+    lookup = {"subject_last": last, "subject_first": first, "last": len(ids) - 1}[fact_token]
+    return EncodedPrompt(ids, lookup)
+
+
+def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (n_rows, max_len), right padded."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id(tok) -> int:
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first, each group at most batch_tokens padded tokens (one row at least)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

@@ -1,0 +1,55 @@
+"""The multi-layer update (MEMIT.md section 5): spread each request's residual z_i - cur_i over the
+critical layers, lowest first, each layer solving (lam C^l + K K^T) A = K and adding R A^T."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import SolveError
+from .hparams import MEMITHyperParams
+from .keys import compute_keys_and_values, key_rows
+from .model_access import RewriteWeight
+from .solve import solve_update_keys
+
+
+def write_layer(weight: RewriteWeight, delta: torch.Tensor) -> None:
+    """W^l += delta (d_model, d_ff), added in float32 (float64 for a float64 model) as the original does, then cast to W's dtype."""
+    if not torch.isfinite(delta).all():
+        raise SolveError(f"the update of {weight.name} contains NaN or inf")
+    with torch.no_grad():
+        p = weight.param
+        wide = torch.promote_types(p.dtype, torch.float32)
+        p.copy_((p.to(wide) + weight.as_update(delta).to(p.device, wide)).to(p.dtype))
+
+
+def layer_delta(cov: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, lam: float, method: str) -> torch.Tensor:
+    """Delta W = R A^T with A = (lam C + K K^T)^{-1} K; keys (n, d_ff), residual R (n, d_model) -> (d_model, d_ff)."""
+    a = solve_update_keys(cov.to(keys.device), keys.T, lam, method=method)
+    return residual.double().T @ a.T
+
+
+def apply_update(
+    model,
+    tok,
+    requests,
+    hparams: MEMITHyperParams,
+    z: torch.Tensor,
+    templates: list[list[str]],
+    covs: dict[int, torch.Tensor],
+    weights: list[RewriteWeight],
+    *,
+    solve_method: str = "cholesky",
+    batch_tokens: int = 8192,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}."""
+    rows = key_rows(tok, requests, templates, hparams.fact_token)
+    deltas = {}
+    for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
+        keys, cur = compute_keys_and_values(model, tok, rows, len(requests), hparams, w.layer, templates, batch_tokens=batch_tokens)
+        residual = (z - cur) / (len(weights) - i)
+        delta = layer_delta(covs[w.layer], keys, residual, hparams.mom2_update_weight, solve_method)
+        write_layer(w, delta)
+        deltas[w.name] = delta
+    return deltas
