@@ -1,0 +1,25 @@
+"""Exceptions raised by memit_fast. Every one leaves the model's weights as they were."""
+
+
+class MemitError(Exception):
+    """Base class of memit_fast's errors."""
+
+
+class RequestError(MemitError, ValueError):
+    """A request is malformed: prompt template, subject, target, or a conflict between requests."""
+
+
+class HyperParamsError(MemitError, ValueError):
+    """Hyper-parameters that do not fit the model: unknown field, layer out of range, wrong module name."""
+
+
+class StatsError(MemitError, ValueError):
+    """Statistics that cannot be used: NaN/inf, empty, corrupted, or computed for another model."""
+
+
+class SolveError(MemitError, RuntimeError):
+    """The update solve failed or produced NaN/inf."""
+
+
+class NotPositiveDefiniteError(SolveError):
+    """lambda * C + K K^T is not positive definite (Cholesky failed)."""

@@ -1,0 +1,286 @@
+"""The update solve of MEMIT (MEMIT.md section 5 step 4; paper Eq. 14):
+
+    A = (lam C + K K^T)^-1 K        C: (d, d) key second moment, K: (d, n) keys, A: (d, n)
+
+so that Delta W = R A^T. Methods:
+
+- "cholesky": G = lam C + K K^T (one symmetric rank-n update), G = L L^T, A = L^-T L^-1 K.
+  d^3/3 + 3 d^2 n flops. On CUDA: cuBLAS syrk + cuSOLVER potrf/potrs (memit_fast._native),
+  else the same steps in torch (`_cholesky_torch`, also the CPU path).
+- "woodbury": with lam C = L L^T factored once per layer (`factor_scaled_cov`, cache it next
+  to the statistics): Y = L^-1 K, M = I + Y^T Y, A = L^-T Y M^-1
+  (= (lam C)^-1 K (I + K^T (lam C)^-1 K)^-1, MEMIT.md "work a fast implementation may skip" 6).
+  2 d^2 n + 3 d n^2 + n^3/3 flops per edit batch, plus d^3/3 if the factor is not given.
+- "dense": torch.linalg.solve(lam C + K K^T, K) in float64 (LU), what the original does; the
+  reference twin. It does not test definiteness.
+- "auto": the method with the fewest flops by the counts above (woodbury without a factor
+  counts its d^3/3 too); if woodbury was picked without a factor and lam C is not positive
+  definite, cholesky. For n << d woodbury wins: with a factor for n < ~0.5 d, without one
+  for n < ~0.3 d.
+
+Precision: float64 by default and always on CPU. float32 (`dtype=torch.float32`, CUDA only)
+has a relative error of about cond(G) * 6e-8 (cond(lam C) for woodbury); the benchmark
+`benchmarks/kernels_device.py` measures it against float64 at GPT-J sizes.
+
+Errors: a matrix that is not positive definite raises NotPositiveDefiniteError (cholesky and
+woodbury check cuSOLVER's / torch's `info`); NaN or inf in the result raises SolveError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import native
+from .errors import NotPositiveDefiniteError, SolveError
+
+METHODS = ("auto", "cholesky", "woodbury", "dense")
+
+
+def solve_flops(d: int, n: int, method: str, *, factored: bool = False) -> float:
+    """Floating-point operations of one solve (multiply-add = 2), as "auto" counts them."""
+    if method == "cholesky":
+        return d**3 / 3 + 3 * d * d * n
+    if method == "woodbury":
+        return 2 * d * d * n + 3 * d * n * n + n**3 / 3 + (0 if factored else d**3 / 3)
+    if method == "dense":
+        return 2 * d**3 / 3 + 2 * d * d * n + 2 * d * d * n
+    raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def factor_scaled_cov(cov: torch.Tensor, lam: float, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Lower Cholesky factor L of lam * cov: lam C = L L^T.
+
+    cov: (d, d) or (b, d, d) symmetric, float32 or float64 (only its lower triangle is read).
+    Returns L of the same shape in `dtype` (default float64; float64 always on CPU), upper
+    triangle zero. A batch of layers is factored with one synchronisation. Raises
+    NotPositiveDefiniteError naming the first failing matrix.
+    """
+    _check_square(cov, "cov")
+    return torch.ops.memit_fast.factor_scaled_cov(cov, float(lam), _compute_dtype(cov, dtype))
+
+
+def solve_update_keys(
+    cov: torch.Tensor,
+    keys: torch.Tensor,
+    lam: float,
+    *,
+    method: str = "auto",
+    factor: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A = (lam cov + K K^T)^-1 K.
+
+    cov: (d, d) symmetric positive (semi)definite, float32/float64; keys K: (d, n), any float
+    dtype, same device; factor: optional (d, d) lower factor of lam*cov from factor_scaled_cov
+    with the same lam (checked on its first column). Returns A (d, n), contiguous, in `dtype`
+    (float64 by default, always float64 on CPU; float32 allowed on CUDA).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    _check_square(cov, "cov")
+    if cov.dim() != 2 or keys.dim() != 2 or keys.shape[0] != cov.shape[0] or keys.shape[1] == 0:
+        raise ValueError(f"need cov (d, d) and keys (d, n>0); got {tuple(cov.shape)} and {tuple(keys.shape)}")
+    if keys.device != cov.device:
+        raise ValueError(f"cov on {cov.device} but keys on {keys.device}")
+    d, n = keys.shape
+    dt = _compute_dtype(cov, dtype)
+    chosen = _auto(d, n, factor is not None) if method == "auto" else method
+    if chosen == "dense":
+        return solve_update_keys_reference(cov, keys, lam).to(dt)
+    if chosen == "cholesky":
+        return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt)
+    if factor is None:
+        try:
+            factor = factor_scaled_cov(cov, lam, dtype=dt)
+        except NotPositiveDefiniteError:
+            if method != "auto":
+                raise
+            return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt)
+    else:
+        _check_factor(factor, cov, lam)
+    return torch.ops.memit_fast.solve_woodbury(factor, keys, dt)
+
+
+def solve_update_keys_reference(cov: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
+    """The twin: torch.linalg.solve(lam cov + K K^T, K) in float64. cov (d, d), keys (d, n) -> (d, n)."""
+    c, k = cov.to(torch.float64), keys.to(torch.float64)
+    try:
+        a = torch.linalg.solve(torch.addmm(c, k, k.mT, beta=lam), k)
+    except torch.linalg.LinAlgError as e:
+        raise SolveError(f"lam*C + K K^T is singular: {e}") from e
+    return _check_finite(a.contiguous(), "dense solve")
+
+
+def _auto(d: int, n: int, factored: bool) -> str:
+    chol, wood = solve_flops(d, n, "cholesky"), solve_flops(d, n, "woodbury", factored=factored)
+    return "woodbury" if wood < chol else "cholesky"
+
+
+def _compute_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"solve dtype must be float32 or float64, not {dtype}")
+    return torch.float32 if dtype == torch.float32 and t.is_cuda else torch.float64
+
+
+def _check_square(cov: torch.Tensor, name: str) -> None:
+    if cov.dim() not in (2, 3) or cov.shape[-1] != cov.shape[-2] or cov.shape[-1] == 0:
+        raise ValueError(f"{name} must be (d, d) or (b, d, d), got {tuple(cov.shape)}")
+    if cov.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {cov.dtype}")
+
+
+def _check_factor(factor: torch.Tensor, cov: torch.Tensor, lam: float) -> None:
+    """L[:, 0] * L[0, 0] is the first column of L L^T; it must equal lam * cov[:, 0]."""
+    if factor.shape != cov.shape or factor.device != cov.device:
+        raise ValueError(f"factor {tuple(factor.shape)} on {factor.device} does not match cov {tuple(cov.shape)} on {cov.device}")
+    col = factor[:, 0].double() * factor[0, 0].double()
+    want = lam * cov[:, 0].double()
+    tol = 1e-4 if factor.dtype == torch.float32 or cov.dtype == torch.float32 else 1e-9
+    if not torch.allclose(col, want, rtol=tol, atol=tol * float(want.abs().max())):
+        raise ValueError("factor is not the Cholesky factor of lam * cov (other lam or other layer?)")
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise SolveError(f"{what} produced NaN or inf")
+    return t
+
+
+def _raise_not_pd(info: torch.Tensor, what: str) -> None:
+    """info: (b,) int, cuSOLVER/torch convention (i > 0: leading minor of order i not PD)."""
+    info = info.reshape(-1).cpu()
+    if bool((info < 0).any()):
+        raise SolveError(f"{what}: invalid argument reported by the solver (info {info.tolist()})")
+    bad = torch.nonzero(info > 0).reshape(-1)
+    if len(bad):
+        b = int(bad[0])
+        where = f" (matrix {b} of {len(info)})" if len(info) > 1 else ""
+        raise NotPositiveDefiniteError(
+            f"{what}{where} is not positive definite: its leading minor of order {int(info[b])} is not; "
+            "check the statistics (NaN, too few tokens) and lambda"
+        )
+
+
+# ---- torch twins of the native paths (CPU; CUDA without the native module) ----
+
+
+def _factor_torch(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(cov.to(dtype) * lam)
+    _raise_not_pd(info, "lam * C")
+    return L.contiguous()
+
+
+def _cholesky_torch(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    k = keys.to(dtype)
+    L, info = torch.linalg.cholesky_ex(torch.addmm(cov.to(dtype), k, k.mT, beta=lam))
+    _raise_not_pd(info, "lam * C + K K^T")
+    return _check_finite(torch.cholesky_solve(k, L).contiguous(), "cholesky solve")
+
+
+def _woodbury_torch(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    L, k = factor.to(dtype), keys.to(dtype)
+    y = torch.linalg.solve_triangular(L, k, upper=False)  # (d, n) = L^-1 K
+    m = torch.eye(k.shape[1], dtype=dtype, device=k.device).addmm_(y.mT, y)  # I + Y^T Y
+    Lm, info = torch.linalg.cholesky_ex(m)
+    _raise_not_pd(info, "I + K^T (lam C)^-1 K")
+    z = torch.cholesky_solve(y.mT, Lm).mT  # Y M^-1
+    return _check_finite(torch.linalg.solve_triangular(L.mT, z, upper=True).contiguous(), "woodbury solve")
+
+
+# ---- native paths (column-major calls on row-major tensors: a row-major lower triangle is
+# ---- cuBLAS' upper one, and a row-major (n, d) buffer is a column-major d x n matrix) ----
+
+
+def _native_ready(t: torch.Tensor) -> bool:
+    return t.is_cuda and native.available()
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _factor_native(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    L = (cov.to(dtype) * lam).contiguous()
+    mats = L.reshape(-1, L.shape[-1], L.shape[-1])
+    d = mats.shape[-1]
+    with _on_device(cov):
+        kw = native.call_args(cov)
+        work = torch.empty(max(1, lib.potrf_workspace(f64, True, d, d, **kw)), dtype=dtype, device=cov.device)
+        info = torch.zeros(len(mats), dtype=torch.int32, device=cov.device)
+        for b, m in enumerate(mats):
+            lib.potrf(f64, True, d, m.data_ptr(), d, work.data_ptr(), work.numel(), info[b].data_ptr(), **kw)
+    _raise_not_pd(info, "lam * C")
+    return L.tril_()
+
+
+def _cholesky_native(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    d, n = keys.shape
+    k = keys.to(dtype).contiguous()  # row-major (d, n): column-major n x d, ld n
+    g = torch.empty(d, d, dtype=dtype, device=cov.device).copy_(cov)
+    b = torch.empty(n, d, dtype=dtype, device=cov.device).copy_(keys.mT)  # column-major d x n, ld d
+    with _on_device(cov):
+        kw = native.call_args(cov)
+        lib.syrk(f64, True, True, d, n, 1.0, k.data_ptr(), n, float(lam), g.data_ptr(), d, **kw)
+        work = torch.empty(max(1, lib.potrf_workspace(f64, True, d, d, **kw)), dtype=dtype, device=cov.device)
+        info = torch.zeros(2, dtype=torch.int32, device=cov.device)
+        lib.potrf(f64, True, d, g.data_ptr(), d, work.data_ptr(), work.numel(), info[0].data_ptr(), **kw)
+        lib.potrs(f64, True, d, n, g.data_ptr(), d, b.data_ptr(), d, info[1].data_ptr(), **kw)
+    _raise_not_pd(info, "lam * C + K K^T")
+    return _check_finite(b.mT.contiguous(), "cholesky solve")
+
+
+def _woodbury_native(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    d, n = keys.shape
+    L = factor.to(dtype).contiguous()  # row-major lower = column-major upper U, U^T U = lam C
+    y = torch.empty(n, d, dtype=dtype, device=keys.device).copy_(keys.mT)  # column-major d x n
+    m = torch.eye(n, dtype=dtype, device=keys.device)
+    with _on_device(keys):
+        kw = native.call_args(keys)
+        lib.trsm(f64, True, True, True, d, n, 1.0, L.data_ptr(), d, y.data_ptr(), d, **kw)  # Y = U^-T K
+        lib.syrk(f64, False, True, n, d, 1.0, y.data_ptr(), d, 1.0, m.data_ptr(), n, **kw)  # M = I + Y^T Y
+        work = torch.empty(max(1, lib.potrf_workspace(f64, False, n, n, **kw)), dtype=dtype, device=keys.device)
+        info = torch.zeros(1, dtype=torch.int32, device=keys.device)
+        lib.potrf(f64, False, n, m.data_ptr(), n, work.data_ptr(), work.numel(), info.data_ptr(), **kw)  # M = Lm Lm^T
+        lib.trsm(f64, False, False, True, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y Lm^-T
+        lib.trsm(f64, False, False, False, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y M^-1
+        lib.trsm(f64, True, True, False, d, n, 1.0, L.data_ptr(), d, y.data_ptr(), d, **kw)  # U^-1 Y M^-1
+    _raise_not_pd(info, "I + K^T (lam C)^-1 K")
+    return _check_finite(y.mT.contiguous(), "woodbury solve")
+
+
+# ---- torch.library ops: CPU (and any device without the native module) runs the torch twin ----
+
+
+@torch.library.custom_op("memit_fast::factor_scaled_cov", mutates_args=())
+def _factor_op(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    return (_factor_native if _native_ready(cov) else _factor_torch)(cov, lam, dtype)
+
+
+@torch.library.custom_op("memit_fast::solve_cholesky", mutates_args=())
+def _cholesky_op(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    return (_cholesky_native if _native_ready(cov) else _cholesky_torch)(cov, keys, lam, dtype)
+
+
+@torch.library.custom_op("memit_fast::solve_woodbury", mutates_args=())
+def _woodbury_op(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (_woodbury_native if _native_ready(factor) else _woodbury_torch)(factor, keys, dtype)
+
+
+@_factor_op.register_fake
+def _(cov, lam, dtype):
+    return cov.new_empty(cov.shape, dtype=dtype)
+
+
+@_cholesky_op.register_fake
+def _(cov, keys, lam, dtype):
+    return keys.new_empty(keys.shape, dtype=dtype)
+
+
+@_woodbury_op.register_fake
+def _(factor, keys, dtype):
+    return keys.new_empty(keys.shape, dtype=dtype)
