@@ -7,7 +7,8 @@ Ceilings: a bf16 8192^3 matrix product on random data (TFLOP/s), a device-to-dev
 config at N = 16384 tokens x d = 16384 / 14336 / 6400 bf16, useful flops N d (d + 1);
 masked rows (row index, in place) vs compaction + dense; the accumulator's tokens/s.
 Capture: 10,000 rows of (8, 2048, d) bf16 to fp32. Solves: six GPT-J layers (d 16384,
-n 10,000) by cholesky / woodbury (cached factor) in fp64 and fp32 against the dense twin.
+n 10,000) by cholesky / woodbury (cached factor) in fp64 and fp32, for A and for Delta W
+(m = 4096 right-hand sides), against the dense twin.
 Prints a table (last) and writes every row plus device, versions, date and commit to OUT.json.
 --tiny: small sizes; without CUDA it runs on the CPU (Triton kernels in the interpreter), to
 check the script itself.
@@ -185,35 +186,43 @@ def spd_cov(d: int) -> torch.Tensor:
 
 
 def solve_section(ceil: dict, tiny: bool) -> None:
-    d, layers = (160, 6) if tiny else (16384, 6)
+    d, m, layers = (160, 24, 6) if tiny else (16384, 4096, 6)  # m: GPT-J's d_model
     fp64_peak = ("tflops", ceil.get("fp64_tflops"))
     cov = spd_cov(d)
+    factor = solve.factor_scaled_cov(cov, LAM)
+    ms = bench(lambda: solve.factor_scaled_cov(cov, LAM), reps=2, warmup=0)
+    record("solve", "factor lam*C fp64, one layer (cached with the stats)", ms, flops=d**3 / 3, ceiling=fp64_peak,
+           provider="memit_fast", d=d)
     for n in ([40, 200] if tiny else [10_000, 1000]):
         keys = [rand(d, n, dtype=torch.float32) for _ in range(layers)]
+        resid = [rand(m, n, dtype=torch.float32) for _ in range(layers)]
         shape = {"d": d, "n": n, "layers": layers}
         ref = solve.solve_update_keys_reference(cov, keys[0], LAM)
+        ref_delta = resid[0].double() @ ref.mT
         ms = bench(lambda: solve.solve_update_keys_reference(cov, keys[0], LAM), reps=2, warmup=1)
-        record("solve", "dense twin fp64, one layer x6", ms * layers, flops=layers * solve.solve_flops(d, n, "dense"),
+        record("solve", "dense twin fp64 (A), one layer x6", ms * layers, flops=layers * solve.solve_flops(d, n, "dense"),
                ceiling=fp64_peak, provider="reference", **shape)
-        factor = solve.factor_scaled_cov(cov, LAM)
-        ms = bench(lambda: solve.factor_scaled_cov(cov, LAM), reps=2, warmup=0)
-        record("solve", "factor lam*C fp64, one layer (cached with the stats)", ms, flops=d**3 / 3, ceiling=fp64_peak,
-               provider="memit_fast", **shape)
-        for dtype in (torch.float64, torch.float32):
-            f = factor if dtype == torch.float64 else factor.float()
-            for method in ("cholesky", "woodbury"):
-                kw = {"factor": f} if method == "woodbury" else {}
-                try:
-                    a = solve.solve_update_keys(cov, keys[0], LAM, method=method, dtype=dtype, **kw)
-                    err = float((a.double() - ref).norm() / ref.norm())
-                    ms = bench(lambda: [solve.solve_update_keys(cov, k, LAM, method=method, dtype=dtype, **kw) for k in keys],
-                               reps=3, warmup=1)
-                    record("solve", f"{method} {str(dtype)[6:]}, {layers} layers", ms,
-                           flops=layers * solve.solve_flops(d, n, method, factored=True), ceiling=fp64_peak,
-                           provider="memit_fast", rel_err_vs_fp64_dense=f"{err:.2e}", native=native.available(), **shape)
-                except Exception as e:  # noqa: BLE001
-                    record("solve", f"{method} {str(dtype)[6:]}", float("nan"), error=repr(e)[:300], **shape)
-        del keys, ref, factor
+        for form in ("A", "dW"):
+            for dtype in (torch.float64, torch.float32):
+                f = factor if dtype == torch.float64 else factor.float()
+                for method in ("cholesky", "woodbury"):
+                    kw = {"method": method, "dtype": dtype, **({"factor": f} if method == "woodbury" else {})}
+                    if form == "A":
+                        one = lambda i: solve.solve_update_keys(cov, keys[i], LAM, **kw)  # noqa: E731
+                        want, mm = ref, None
+                    else:
+                        one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
+                        want, mm = ref_delta, (m if m < n else None)
+                    name = f"{method} {form} {str(dtype)[6:]}, {layers} layers"
+                    try:
+                        err = float((one(0).double() - want).norm() / want.norm())
+                        ms = bench(lambda: [one(i) for i in range(layers)], reps=2, warmup=1)
+                        record("solve", name, ms, flops=layers * solve.solve_flops(d, n, method, factored=True, m=mm),
+                               ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=f"{err:.2e}",
+                               native=native.available(), m=m, **shape)
+                    except Exception as e:  # noqa: BLE001
+                        record("solve", name, float("nan"), error=repr(e)[:300], **shape)
+        del keys, resid, ref, ref_delta
 
 
 def environment() -> dict:

@@ -2,7 +2,8 @@
 
     A = (lam C + K K^T)^-1 K        C: (d, d) key second moment, K: (d, n) keys, A: (d, n)
 
-so that Delta W = R A^T. Methods:
+so that Delta W = R A^T; `solve_delta_weights` returns Delta W itself, solving for the m = d_model
+columns of K R^T when m < n (fewer right-hand sides). Methods:
 
 - "cholesky": G = lam C + K K^T (one symmetric rank-n update), G = L L^T, A = L^-T L^-1 K.
   d^3/3 + 3 d^2 n flops. On CUDA: cuBLAS syrk + cuSOLVER potrf/potrs (memit_fast._native),
@@ -13,10 +14,10 @@ so that Delta W = R A^T. Methods:
   2 d^2 n + 3 d n^2 + n^3/3 flops per edit batch, plus d^3/3 if the factor is not given.
 - "dense": torch.linalg.solve(lam C + K K^T, K) in float64 (LU), what the original does; the
   reference twin. It does not test definiteness.
-- "auto": the method with the fewest flops by the counts above (woodbury without a factor
+- "auto": the method with the fewest flops by `solve_flops` (woodbury without a factor
   counts its d^3/3 too); if woodbury was picked without a factor and lam C is not positive
-  definite, cholesky. For n << d woodbury wins: with a factor for n < ~0.5 d, without one
-  for n < ~0.3 d.
+  definite, cholesky. For A, woodbury wins for n < ~0.5 d with a cached factor and for
+  n < ~0.3 d without one.
 
 Precision: float64 by default and always on CPU. float32 (`dtype=torch.float32`, CUDA only)
 has a relative error of about cond(G) * 6e-8 (cond(lam C) for woodbury); the benchmark
@@ -38,14 +39,16 @@ from .errors import NotPositiveDefiniteError, SolveError
 METHODS = ("auto", "cholesky", "woodbury", "dense")
 
 
-def solve_flops(d: int, n: int, method: str, *, factored: bool = False) -> float:
-    """Floating-point operations of one solve (multiply-add = 2), as "auto" counts them."""
-    if method == "cholesky":
-        return d**3 / 3 + 3 * d * d * n
-    if method == "woodbury":
-        return 2 * d * d * n + 3 * d * n * n + n**3 / 3 + (0 if factored else d**3 / 3)
+def solve_flops(d: int, n: int, method: str, *, factored: bool = False, m: int | None = None) -> float:
+    """Floating-point operations of one solve (multiply-add = 2), as "auto" counts them; with m,
+    of Delta W for m = d_model right-hand sides (solve_delta_weights, m < n)."""
     if method == "dense":
-        return 2 * d**3 / 3 + 2 * d * d * n + 2 * d * d * n
+        return 2 * d**3 / 3 + 4 * d * d * n + (2 * d * n * m if m else 0)
+    if method == "cholesky":
+        return d**3 / 3 + (3 * d * d * n if m is None else d * d * n + 2 * d * n * m + 2 * d * d * m)
+    if method == "woodbury":
+        rest = 2 * d * d * n + 3 * d * n * n if m is None else d * d * n + d * n * n + 2 * n * n * m + 2 * d * n * m + d * d * m
+        return rest + n**3 / 3 + (0 if factored else d**3 / 3)
     raise ValueError(f"unknown method {method!r}; one of {METHODS}")
 
 
@@ -77,30 +80,33 @@ def solve_update_keys(
     with the same lam (checked on its first column). Returns A (d, n), contiguous, in `dtype`
     (float64 by default, always float64 on CPU; float32 allowed on CUDA).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
-    _check_square(cov, "cov")
-    if cov.dim() != 2 or keys.dim() != 2 or keys.shape[0] != cov.shape[0] or keys.shape[1] == 0:
-        raise ValueError(f"need cov (d, d) and keys (d, n>0); got {tuple(cov.shape)} and {tuple(keys.shape)}")
-    if keys.device != cov.device:
-        raise ValueError(f"cov on {cov.device} but keys on {keys.device}")
-    d, n = keys.shape
-    dt = _compute_dtype(cov, dtype)
-    chosen = _auto(d, n, factor is not None) if method == "auto" else method
-    if chosen == "dense":
-        return solve_update_keys_reference(cov, keys, lam).to(dt)
-    if chosen == "cholesky":
-        return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt)
-    if factor is None:
-        try:
-            factor = factor_scaled_cov(cov, lam, dtype=dt)
-        except NotPositiveDefiniteError:
-            if method != "auto":
-                raise
-            return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt)
-    else:
-        _check_factor(factor, cov, lam)
-    return torch.ops.memit_fast.solve_woodbury(factor, keys, dt)
+    return _solve(cov, keys, None, lam, method, factor, dtype)
+
+
+def solve_delta_weights(
+    cov: torch.Tensor,
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    lam: float,
+    *,
+    method: str = "auto",
+    factor: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Delta W = R A^T = ((lam cov + K K^T)^-1 K R^T)^T (MEMIT.md section 5 steps 4-5).
+
+    resid R: (m, n), the residuals of section 5 step 3 (m = d_model), same device. Returns
+    Delta W (m, d), contiguous, in the compute dtype (as solve_update_keys); transpose it for
+    Conv1D layouts. When m < n the solve runs on the m columns of K R^T instead of the n keys
+    (for GPT-J, 4096 instead of 10,000 right-hand sides); otherwise it is R @ A^T.
+    Other arguments as solve_update_keys.
+    """
+    if resid.dim() != 2 or resid.shape[1] != keys.shape[-1] or resid.device != keys.device:
+        raise ValueError(f"resid must be (m, {keys.shape[-1]}) on {keys.device}; got {tuple(resid.shape)} on {resid.device}")
+    if resid.shape[0] >= keys.shape[1]:
+        a = _solve(cov, keys, None, lam, method, factor, dtype)
+        return _check_finite(resid.to(a.dtype) @ a.mT, "R A^T")
+    return _solve(cov, keys, resid, lam, method, factor, dtype)
 
 
 def solve_update_keys_reference(cov: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
@@ -113,8 +119,38 @@ def solve_update_keys_reference(cov: torch.Tensor, keys: torch.Tensor, lam: floa
     return _check_finite(a.contiguous(), "dense solve")
 
 
-def _auto(d: int, n: int, factored: bool) -> str:
-    chol, wood = solve_flops(d, n, "cholesky"), solve_flops(d, n, "woodbury", factored=factored)
+def _solve(cov, keys, resid, lam, method, factor, dtype) -> torch.Tensor:
+    """A (resid None) or Delta W (resid (m, n), m < n) by `method`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    _check_square(cov, "cov")
+    if cov.dim() != 2 or keys.dim() != 2 or keys.shape[0] != cov.shape[0] or keys.shape[1] == 0:
+        raise ValueError(f"need cov (d, d) and keys (d, n>0); got {tuple(cov.shape)} and {tuple(keys.shape)}")
+    if keys.device != cov.device:
+        raise ValueError(f"cov on {cov.device} but keys on {keys.device}")
+    d, n = keys.shape
+    m = None if resid is None else resid.shape[0]
+    dt = _compute_dtype(cov, dtype)
+    chosen = _auto(d, n, factor is not None, m) if method == "auto" else method
+    if chosen == "dense":
+        a = solve_update_keys_reference(cov, keys, lam)
+        return (a if resid is None else _check_finite((resid.double() @ a.mT).contiguous(), "R A^T")).to(dt)
+    if chosen == "cholesky":
+        return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt, resid)
+    if factor is None:
+        try:
+            factor = factor_scaled_cov(cov, lam, dtype=dt)
+        except NotPositiveDefiniteError:
+            if method != "auto":
+                raise
+            return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt, resid)
+    else:
+        _check_factor(factor, cov, lam)
+    return torch.ops.memit_fast.solve_woodbury(factor, keys, dt, resid)
+
+
+def _auto(d: int, n: int, factored: bool, m: int | None = None) -> str:
+    chol, wood = solve_flops(d, n, "cholesky", m=m), solve_flops(d, n, "woodbury", factored=factored, m=m)
     return "woodbury" if wood < chol else "cholesky"
 
 
@@ -172,21 +208,28 @@ def _factor_torch(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Te
     return L.contiguous()
 
 
-def _cholesky_torch(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+def _cholesky_torch(cov, keys, lam, dtype, resid=None) -> torch.Tensor:
     k = keys.to(dtype)
     L, info = torch.linalg.cholesky_ex(torch.addmm(cov.to(dtype), k, k.mT, beta=lam))
     _raise_not_pd(info, "lam * C + K K^T")
-    return _check_finite(torch.cholesky_solve(k, L).contiguous(), "cholesky solve")
+    if resid is None:
+        return _check_finite(torch.cholesky_solve(k, L).contiguous(), "cholesky solve")
+    x = torch.cholesky_solve(k @ resid.to(dtype).mT, L)  # (d, m) = G^-1 K R^T
+    return _check_finite(x.mT.contiguous(), "cholesky solve")
 
 
-def _woodbury_torch(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _woodbury_torch(factor, keys, dtype, resid=None) -> torch.Tensor:
     L, k = factor.to(dtype), keys.to(dtype)
     y = torch.linalg.solve_triangular(L, k, upper=False)  # (d, n) = L^-1 K
     m = torch.eye(k.shape[1], dtype=dtype, device=k.device).addmm_(y.mT, y)  # I + Y^T Y
     Lm, info = torch.linalg.cholesky_ex(m)
     _raise_not_pd(info, "I + K^T (lam C)^-1 K")
-    z = torch.cholesky_solve(y.mT, Lm).mT  # Y M^-1
-    return _check_finite(torch.linalg.solve_triangular(L.mT, z, upper=True).contiguous(), "woodbury solve")
+    if resid is None:
+        z = torch.cholesky_solve(y.mT, Lm).mT  # Y M^-1 (d, n)
+    else:
+        z = y @ torch.cholesky_solve(resid.to(dtype).mT, Lm)  # Y M^-1 R^T (d, m)
+    x = torch.linalg.solve_triangular(L.mT, z, upper=True)
+    return _check_finite((x if resid is None else x.mT).contiguous(), "woodbury solve")
 
 
 # ---- native paths (column-major calls on row-major tensors: a row-major lower triangle is
@@ -216,24 +259,27 @@ def _factor_native(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.T
     return L.tril_()
 
 
-def _cholesky_native(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+def _cholesky_native(cov, keys, lam, dtype, resid=None) -> torch.Tensor:
     lib, f64 = native.lib(), dtype == torch.float64
     d, n = keys.shape
     k = keys.to(dtype).contiguous()  # row-major (d, n): column-major n x d, ld n
     g = torch.empty(d, d, dtype=dtype, device=cov.device).copy_(cov)
-    b = torch.empty(n, d, dtype=dtype, device=cov.device).copy_(keys.mT)  # column-major d x n, ld d
+    if resid is None:
+        b = torch.empty(n, d, dtype=dtype, device=cov.device).copy_(keys.mT)  # column-major d x n: K
+    else:
+        b = resid.to(dtype) @ k.mT  # row-major (m, d): column-major d x m, K R^T
     with _on_device(cov):
         kw = native.call_args(cov)
         lib.syrk(f64, True, True, d, n, 1.0, k.data_ptr(), n, float(lam), g.data_ptr(), d, **kw)
         work = torch.empty(max(1, lib.potrf_workspace(f64, True, d, d, **kw)), dtype=dtype, device=cov.device)
         info = torch.zeros(2, dtype=torch.int32, device=cov.device)
         lib.potrf(f64, True, d, g.data_ptr(), d, work.data_ptr(), work.numel(), info[0].data_ptr(), **kw)
-        lib.potrs(f64, True, d, n, g.data_ptr(), d, b.data_ptr(), d, info[1].data_ptr(), **kw)
+        lib.potrs(f64, True, d, b.shape[0], g.data_ptr(), d, b.data_ptr(), d, info[1].data_ptr(), **kw)
     _raise_not_pd(info, "lam * C + K K^T")
-    return _check_finite(b.mT.contiguous(), "cholesky solve")
+    return _check_finite(b.mT.contiguous() if resid is None else b, "cholesky solve")
 
 
-def _woodbury_native(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _woodbury_native(factor, keys, dtype, resid=None) -> torch.Tensor:
     lib, f64 = native.lib(), dtype == torch.float64
     d, n = keys.shape
     L = factor.to(dtype).contiguous()  # row-major lower = column-major upper U, U^T U = lam C
@@ -244,13 +290,19 @@ def _woodbury_native(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtyp
         lib.trsm(f64, True, True, True, d, n, 1.0, L.data_ptr(), d, y.data_ptr(), d, **kw)  # Y = U^-T K
         lib.syrk(f64, False, True, n, d, 1.0, y.data_ptr(), d, 1.0, m.data_ptr(), n, **kw)  # M = I + Y^T Y
         work = torch.empty(max(1, lib.potrf_workspace(f64, False, n, n, **kw)), dtype=dtype, device=keys.device)
-        info = torch.zeros(1, dtype=torch.int32, device=keys.device)
-        lib.potrf(f64, False, n, m.data_ptr(), n, work.data_ptr(), work.numel(), info.data_ptr(), **kw)  # M = Lm Lm^T
-        lib.trsm(f64, False, False, True, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y Lm^-T
-        lib.trsm(f64, False, False, False, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y M^-1
-        lib.trsm(f64, True, True, False, d, n, 1.0, L.data_ptr(), d, y.data_ptr(), d, **kw)  # U^-1 Y M^-1
+        info = torch.zeros(2, dtype=torch.int32, device=keys.device)
+        lib.potrf(f64, False, n, m.data_ptr(), n, work.data_ptr(), work.numel(), info[0].data_ptr(), **kw)  # M = Lm Lm^T
+        if resid is None:
+            lib.trsm(f64, False, False, True, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y Lm^-T
+            lib.trsm(f64, False, False, False, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y M^-1
+            z = y
+        else:
+            w = resid.to(dtype).contiguous()  # row-major (m, n): column-major n x m, R^T
+            lib.potrs(f64, False, n, w.shape[0], m.data_ptr(), n, w.data_ptr(), n, info[1].data_ptr(), **kw)  # M^-1 R^T
+            z = w @ y  # row-major (m, d): column-major d x m, Y M^-1 R^T
+        lib.trsm(f64, True, True, False, d, z.shape[0], 1.0, L.data_ptr(), d, z.data_ptr(), d, **kw)  # U^-1 Z
     _raise_not_pd(info, "I + K^T (lam C)^-1 K")
-    return _check_finite(y.mT.contiguous(), "woodbury solve")
+    return _check_finite(z.mT.contiguous() if resid is None else z, "woodbury solve")
 
 
 # ---- torch.library ops: CPU (and any device without the native module) runs the torch twin ----
@@ -262,13 +314,15 @@ def _factor_op(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tenso
 
 
 @torch.library.custom_op("memit_fast::solve_cholesky", mutates_args=())
-def _cholesky_op(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
-    return (_cholesky_native if _native_ready(cov) else _cholesky_torch)(cov, keys, lam, dtype)
+def _cholesky_op(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype,
+                 resid: torch.Tensor | None = None) -> torch.Tensor:
+    return (_cholesky_native if _native_ready(cov) else _cholesky_torch)(cov, keys, lam, dtype, resid)
 
 
 @torch.library.custom_op("memit_fast::solve_woodbury", mutates_args=())
-def _woodbury_op(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (_woodbury_native if _native_ready(factor) else _woodbury_torch)(factor, keys, dtype)
+def _woodbury_op(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype,
+                 resid: torch.Tensor | None = None) -> torch.Tensor:
+    return (_woodbury_native if _native_ready(factor) else _woodbury_torch)(factor, keys, dtype, resid)
 
 
 @_factor_op.register_fake
@@ -276,11 +330,16 @@ def _(cov, lam, dtype):
     return cov.new_empty(cov.shape, dtype=dtype)
 
 
+def _solve_fake(keys, dtype, resid):
+    shape = keys.shape if resid is None else (resid.shape[0], keys.shape[0])
+    return keys.new_empty(shape, dtype=dtype)
+
+
 @_cholesky_op.register_fake
-def _(cov, keys, lam, dtype):
-    return keys.new_empty(keys.shape, dtype=dtype)
+def _(cov, keys, lam, dtype, resid=None):
+    return _solve_fake(keys, dtype, resid)
 
 
 @_woodbury_op.register_fake
-def _(factor, keys, dtype):
-    return keys.new_empty(keys.shape, dtype=dtype)
+def _(factor, keys, dtype, resid=None):
+    return _solve_fake(keys, dtype, resid)

@@ -39,6 +39,16 @@ def test_methods_match_float64(d, n, method):
     assert rel(a, truth(cov, keys)) < TOL[torch.float64]
 
 
+@pytest.mark.parametrize("d,n,m", [(1, 1, 1), (40, 30, 7), (64, 200, 16), (33, 5, 9)])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense", "auto"])
+def test_delta_weights_match_float64(d, n, m, method):
+    cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method=method)
+    assert delta.shape == (m, d) and delta.dtype == torch.float64 and delta.is_contiguous()
+    want = resid.double() @ truth(cov, keys).mT
+    assert rel(delta, want) < TOL[torch.float64]
+
+
 def test_cached_factor_and_batched_factor():
     covs = torch.stack([spd_cov(50) for _ in range(3)])
     L = solve.factor_scaled_cov(covs, LAM)
@@ -64,6 +74,8 @@ def test_auto_picks_by_flops():
     assert solve._auto(16384, 2000, False) == "woodbury"
     assert solve._auto(16384, 6000, True) == "woodbury"
     assert solve.solve_flops(16384, 100, "woodbury", factored=True) < solve.solve_flops(16384, 100, "cholesky") / 20
+    # Delta W with d_model = 4096 right-hand sides instead of 10,000 keys: ~20% fewer flops
+    assert solve.solve_flops(16384, 10_000, "cholesky", m=4096) < 0.85 * solve.solve_flops(16384, 10_000, "cholesky")
 
 
 def test_not_positive_definite_raises():
@@ -120,6 +132,10 @@ def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
         L = solve._factor_native(torch.stack([cov, cov]), LAM, dtype)
         assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
         assert rel(solve._woodbury_native(L[0], keys, dtype), ref) < tol
+        resid = torch.randn(max(1, n // 3), n)
+        want = resid.double() @ ref.mT
+        assert rel(solve._cholesky_native(cov, keys, LAM, dtype, resid), want) < tol
+        assert rel(solve._woodbury_native(L[0], keys, dtype, resid), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
         solve._factor_native(-spd_cov(5), LAM, dtype)
 
@@ -130,6 +146,8 @@ def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
         ("factor_scaled_cov", lambda: (spd_cov(9), LAM, torch.float64)),
         ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64)),
         ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64)),
+        ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64, torch.randn(2, 4))),
+        ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64, torch.randn(3, 4))),
     ],
 )
 def test_opcheck(op, args):
@@ -146,6 +164,17 @@ def test_cuda_methods_match_float64(method, dtype, d, n):
     want_dtype = torch.float64 if method == "dense" else dtype
     assert a.device.type == "cuda" and a.dtype == want_dtype and a.shape == (d, n)
     assert rel(a, truth(cov, keys)) < TOL[want_dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury"])
+def test_cuda_delta_weights_match_float64(method, dtype):
+    d, n, m = 2000, 1200, 300
+    cov, keys, resid = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda"), torch.randn(m, n, device="cuda")
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method=method, dtype=dtype)
+    assert delta.shape == (m, d) and delta.dtype == dtype
+    assert rel(delta, resid.double().cpu() @ truth(cov, keys).mT) < TOL[dtype]
 
 
 @pytest.mark.cuda

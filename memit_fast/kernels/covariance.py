@@ -166,7 +166,7 @@ def syrk_lower_(
     their true values); the others are left as they were. fp32_precision: Triton's
     input_precision for fp32 inputs ("ieee" exact, "tf32x3" ~fp32, "tf32" ~1e-3 relative).
     """
-    d = x.shape[1]
+    d = x.shape[-1]
     if x.dim() != 2 or out.shape != (d, d) or out.dtype != torch.float32:
         raise ValueError(f"need x (N, d) and out (d, d) float32; got {tuple(x.shape)}, {tuple(out.shape)} {out.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
