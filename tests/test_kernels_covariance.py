@@ -6,8 +6,13 @@ import torch
 from memit_fast.kernels import covariance as cov
 
 # relative error of the lower triangle vs float64 on the same (rounded) inputs: products of
-# bf16/fp16 values are exact in fp32, so every dtype sees only fp32 accumulation error
+# bf16/fp16 values are exact in fp32, so every dtype sees only fp32 accumulation error, which
+# grows like 2^-24 sqrt(N) for N rows: TOL at N <= 256, scaled by sqrt(N / 256) above
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
+
+
+def tol(dtype, n):
+    return TOL[dtype] * max(1.0, (n / 256) ** 0.5)
 SMALL = {  # small tiles keep the interpreter fast
     "ptr": cov.TileConfig(32, 32, 16, 2, 4, 2),
     "tma": cov.TileConfig(32, 64, 16, 2, 4, 2, tma=True),
@@ -35,9 +40,11 @@ def test_syrk_lower_matches_float64(dtype, name, n, d):
     out = torch.full((d, d), float("nan"), device=DEVICE)
     cov.syrk_lower_(out, x, config=SMALL[name])
     assert not torch.isnan(torch.tril(out)).any(), "lower triangle not fully written"
-    assert rel_lower(out, truth(x)) < TOL[dtype]
+    err = rel_lower(out, truth(x))
+    assert err < tol(dtype, n), f"relative error {err:.2e}"
     cov.syrk_lower_(out, x, config=SMALL[name], accumulate=True)
-    assert rel_lower(out, 2 * truth(x)) < TOL[dtype]
+    err = rel_lower(out, 2 * truth(x))
+    assert err < tol(dtype, n), f"relative error {err:.2e} after accumulate"
 
 
 def test_writes_stay_in_lower_tiles():
@@ -56,7 +63,7 @@ def test_row_index_and_device_row_count(index_dtype):
     rows = torch.tensor([49, 0, 3, 3, 17, 20], dtype=index_dtype, device=DEVICE)
     out = torch.zeros(70, 70, device=DEVICE)
     cov.syrk_lower_(out, x, row_index=rows, config=SMALL["ptr"])
-    assert rel_lower(out, truth(x, rows)) < 2e-6
+    assert rel_lower(out, truth(x, rows)) < TOL[torch.bfloat16]
     n_rows = torch.tensor([4], dtype=torch.int32, device=DEVICE)  # only the first 4 entries
     cov.syrk_lower_(out, x, row_index=rows, n_rows=n_rows, config=SMALL["ptr"])
     assert rel_lower(out, truth(x, rows[:4])) < 2e-6
@@ -135,21 +142,24 @@ def test_cuda_configs_match_float64(name, n, d):
     want = (x.double().mT @ x.double()).tril()
     got = out.double().tril()
     assert not torch.isnan(got).any()
-    assert float((got - want).norm() / want.norm()) < TOL[dtype]
+    err = float((got - want).norm() / want.norm())
+    assert err < tol(dtype, n), f"{name}: relative error {err:.2e}"
     rows = torch.randperm(n, device="cuda")[: max(1, n // 2)]
     cov.syrk_lower_(out, x, row_index=rows, config=cfg, accumulate=True)
     want += (x[rows].double().mT @ x[rows].double()).tril()
-    assert float((out.double().tril() - want).norm() / want.norm()) < TOL[dtype]
+    err = float((out.double().tril() - want).norm() / want.norm())
+    assert err < tol(dtype, n), f"{name} with row_index: relative error {err:.2e}"
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("precision,tol", [("ieee", 2e-6), ("tf32x3", 1e-5), ("tf32", 3e-3)])
-def test_cuda_fp32_precisions(precision, tol):
+@pytest.mark.parametrize("precision,limit", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3)])
+def test_cuda_fp32_precisions(precision, limit):
     x = torch.randn(2000, 777, device="cuda")
     out = torch.zeros(777, 777, device="cuda")
     cov.syrk_lower_(out, x, fp32_precision=precision)
     want = (x.double().mT @ x.double()).tril()
-    assert float((out.double().tril() - want).norm() / want.norm()) < tol
+    err = float((out.double().tril() - want).norm() / want.norm())
+    assert err < limit, f"{precision}: relative error {err:.2e}"
 
 
 @pytest.mark.cuda
@@ -163,4 +173,5 @@ def test_cuda_accumulator_matches_twin():
         fast.add(x, mask=mask)
         slow.add(x, mask=mask)
     assert fast.count == slow.count
-    assert float((fast.sum - slow.sum).norm() / slow.sum.norm()) < 2e-6
+    err = float((fast.sum - slow.sum).norm() / slow.sum.norm())
+    assert err < 1e-5, f"relative error {err:.2e}"
