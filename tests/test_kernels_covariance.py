@@ -69,6 +69,14 @@ def test_row_index_and_device_row_count(index_dtype):
     assert rel_lower(out, truth(x, rows[:4])) < 2e-6
 
 
+def test_row_count_without_index():
+    x = torch.randn(40, 48, device=DEVICE)
+    out = torch.zeros(48, 48, device=DEVICE)
+    n_rows = torch.tensor([21], dtype=torch.int32, device=DEVICE)
+    cov.syrk_lower_(out, x, n_rows=n_rows, config=SMALL["tma"])  # first 21 rows: not a whole TMA box
+    assert rel_lower(out, truth(x[:21])) < TOL[torch.float32]
+
+
 def test_unaligned_rows_fall_back_from_tma():
     x = torch.randn(9, 37, device=DEVICE)[:, :33]  # row stride 37 floats: not 16-byte aligned
     out = torch.zeros(33, 33, device=DEVICE)

@@ -1,5 +1,6 @@
 """The native module: it builds from csrc/ without a GPU, and memit_fast says clearly when it cannot use it."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
 def test_compile_check_builds_and_imports():
     r = subprocess.run(["bash", "tools/compile_check.sh"], cwd=ROOT, capture_output=True, text=True,
-                       env={"PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+                       env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0 and "compile_check: ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

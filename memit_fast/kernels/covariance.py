@@ -174,6 +174,8 @@ def syrk_lower_(
     if x.stride(1) != 1 or out.stride(1) != 1 or x.device != out.device:
         raise ValueError("x and out need unit column stride and one device")
     cfg = config or default_config(x.dtype)
+    # TMA reads whole (BLOCK_K, BLOCK) boxes, zero past the end of x: only for all rows of x
+    use_tma = cfg.tma and row_index is None and n_rows is None and _tma_ok(x)
     rows = row_index if row_index is not None else x.new_empty(0, dtype=torch.int32)
     if n_rows is None:
         n_rows = torch.full((1,), len(rows) if row_index is not None else x.shape[0], dtype=torch.int32, device=x.device)
@@ -184,7 +186,7 @@ def syrk_lower_(
         UPCAST=x.dtype == torch.bfloat16 and INTERPRET,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )
-    if cfg.tma and row_index is None and _tma_ok(x):
+    if use_tma:
         a_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_m])
         b_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_n])
         _syrk_lower_tma_kernel[(len(tiles),)](
