@@ -16,6 +16,7 @@ def tol(dtype, n):
 SMALL = {  # small tiles keep the interpreter fast
     "ptr": cov.TileConfig(32, 32, 16, 2, 4, 2),
     "tma": cov.TileConfig(32, 64, 16, 2, 4, 2, tma=True),
+    "persistent": cov.TileConfig(32, 32, 16, 2, 4, 2, tma=True, persistent=True),
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -43,6 +43,7 @@ class TileConfig:
     num_warps: int
     num_stages: int  # with row_index, 2 more: the index load takes pipeline stages of its own
     tma: bool = False  # load through TMA descriptors when there is no row_index and x allows it
+    persistent: bool = False  # TMA only: one program per SM looping over tiles (flattened loop)
 
 
 # A few candidates; benchmarks/kernels_device.py times each on the device.
@@ -50,6 +51,9 @@ CONFIGS = {
     "128x256-tma": TileConfig(128, 256, 64, 8, 8, 3, tma=True),
     "128x256": TileConfig(128, 256, 64, 8, 8, 3),
     "128x128-tma": TileConfig(128, 128, 64, 8, 8, 4, tma=True),
+    # the flattened loop keeps an epilogue buffer beside the pipeline: 192 KB of shared memory
+    # here, 272 KB (too much) for 128x256 with 3 stages
+    "128x128-tma-persistent": TileConfig(128, 128, 64, 8, 8, 4, tma=True, persistent=True),
     "128x128": TileConfig(128, 128, 64, 8, 8, 4),
     "128x128-s3": TileConfig(128, 128, 64, 8, 8, 3),  # 96 KB of shared memory: two blocks per SM
     "fp32": TileConfig(128, 128, 32, 8, 8, 3),
@@ -94,26 +98,28 @@ def _syrk_lower_kernel(
 @triton.jit
 def _syrk_lower_tma_kernel(
     a_desc, b_desc, n_rows_ptr, out_ptr, tiles_ptr,
-    d, stride_out,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    d, stride_out, n_tiles,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """As _syrk_lower_kernel without row_index, loading through the tensor memory accelerator
-    (a_desc / b_desc: x with blocks (BLOCK_K, BLOCK_M) / (BLOCK_K, BLOCK_N), zero outside x)."""
-    pid = tl.program_id(0)
-    tile_m = tl.load(tiles_ptr + 2 * pid)
-    tile_n = tl.load(tiles_ptr + 2 * pid + 1)
+    (a_desc / b_desc: x with blocks (BLOCK_K, BLOCK_M) / (BLOCK_K, BLOCK_N), zero outside x).
+    Program p does tiles p, p + programs, ...: one each on a grid of n_tiles, or persistent on a
+    grid of one per SM, where FLATTEN lets the next tile's loads overlap this tile's epilogue."""
     n_rows = tl.load(n_rows_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_rows, BLOCK_K):
-        a = a_desc.load([k, tile_m * BLOCK_M])  # (K, M)
-        b = b_desc.load([k, tile_n * BLOCK_N])  # (K, N)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
+    for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        tile_m = tl.load(tiles_ptr + 2 * t)
+        tile_n = tl.load(tiles_ptr + 2 * t + 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, n_rows, BLOCK_K):
+            a = a_desc.load([k, tile_m * BLOCK_M])  # (K, M)
+            b = b_desc.load([k, tile_n * BLOCK_N])  # (K, N)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
 
 
 @triton.jit
@@ -124,6 +130,11 @@ def _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE: tl.cons
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out, acc, mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -189,8 +200,10 @@ def syrk_lower_(
     if use_tma:
         a_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_m])
         b_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_n])
-        _syrk_lower_tma_kernel[(len(tiles),)](
-            a_desc, b_desc, n_rows, out, tiles, d, out.stride(0), num_stages=cfg.num_stages, **common)
+        programs = min(len(tiles), _sm_count(x.device)) if cfg.persistent else len(tiles)
+        _syrk_lower_tma_kernel[(programs,)](
+            a_desc, b_desc, n_rows, out, tiles, d, out.stride(0), len(tiles), FLATTEN=cfg.persistent,
+            num_stages=cfg.num_stages, **common)
     else:
         _syrk_lower_kernel[(len(tiles),)](
             x, rows, n_rows, out, tiles, d, x.stride(0), out.stride(0), HAS_ROWS=row_index is not None,
