@@ -20,8 +20,9 @@ columns of K R^T when m < n (fewer right-hand sides). Methods:
   n < ~0.3 d without one.
 
 Precision: float64 by default and always on CPU. float32 (`dtype=torch.float32`, CUDA only)
-has a relative error of about cond(G) * 6e-8 (cond(lam C) for woodbury); the benchmark
-`benchmarks/kernels_device.py` measures it against float64 at GPT-J sizes.
+has a relative error of about cond(G) * 6e-8 (cond(lam C) for woodbury);
+`benchmarks/kernels_device.py` measures it against float64 at GPT-J sizes on a synthetic C of
+condition ~20. Real statistics are worse conditioned: keep float64 unless measured on them.
 
 Errors: a matrix that is not positive definite raises NotPositiveDefiniteError (cholesky and
 woodbury check cuSOLVER's / torch's `info`); NaN or inf in the result raises SolveError.

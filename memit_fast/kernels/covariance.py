@@ -3,7 +3,8 @@
 `syrk_lower_` is the kernel: for a chunk X (N, d) (bf16, fp16 or fp32; optionally only the rows
 listed in `row_index`, read in place) it computes the tiles of X^T X that touch the lower
 triangle, fp32 accumulators, and stores them into (or adds them to) an fp32 buffer. Useful work
-N d (d + 1) flops; the diagonal tiles are computed whole, about 1% more for 128-wide tiles.
+N d (d + 1) flops; the diagonal tiles are computed whole: 1% more work for 128x128 tiles, 3%
+for 128x256.
 
 `CovarianceAccumulator` streams chunks through it. Precision: each chunk's products are summed
 in fp32 on the tensor cores (bf16/fp16 inputs are exact in fp32 products); the fp32 buffer holds
@@ -71,6 +72,7 @@ def _syrk_lower_kernel(
     HAS_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program p: tile tiles[p] of X^T X over the first n_rows rows of x (of x[rows] if HAS_ROWS)."""
     pid = tl.program_id(0)
     tile_m = tl.load(tiles_ptr + 2 * pid)
     tile_n = tl.load(tiles_ptr + 2 * pid + 1)
