@@ -3,12 +3,12 @@
 # Builds memit_fast._native from a clean tree (one command, no internet), runs the kernel /
 # solver / native tests, the kernel benchmarks, and prints a summary last. Every stage logs to
 # $OUT (default ./device_out; 8 files) and the next stage runs whatever happened. About 6
-# minutes; every stage has a time limit and all of them fit in BUDGET seconds (default 560).
+# minutes; every stage has a time limit and all of them fit in MEMIT_FAST_DEVICE_BUDGET seconds (default 560).
 # MEMIT_FAST_BENCH_TINY=1: small benchmark sizes (to try the script on a CPU machine).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-560}
+BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-560}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 STATUS=()
