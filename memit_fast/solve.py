@@ -1,32 +1,346 @@
-"""Solves of the multi-layer update (MEMIT.md section 5, step 4): A = (lam*C + K K^T)^{-1} K.
+"""The update solve of MEMIT (MEMIT.md section 5 step 4; paper Eq. 14):
 
-Plain-PyTorch version; the native cuSOLVER path arrives with the GPU kernels.
+    A = (lam C + K K^T)^-1 K        C: (d, d) key second moment, K: (d, n) keys, A: (d, n)
+
+so that Delta W = R A^T; `solve_delta_weights` returns Delta W itself, solving for the m = d_model
+columns of K R^T when m < n (fewer right-hand sides). Methods:
+
+- "cholesky": G = lam C + K K^T (one symmetric rank-n update), G = L L^T, A = L^-T L^-1 K.
+  d^3/3 + 3 d^2 n flops. On CUDA: cuBLAS syrk + cuSOLVER potrf/potrs (memit_fast._native),
+  else the same steps in torch (`_cholesky_torch`, also the CPU path).
+- "woodbury": with lam C = L L^T factored once per layer (`factor_scaled_cov`, cache it next
+  to the statistics): Y = L^-1 K, M = I + Y^T Y, A = L^-T Y M^-1
+  (= (lam C)^-1 K (I + K^T (lam C)^-1 K)^-1, MEMIT.md "work a fast implementation may skip" 6).
+  2 d^2 n + 3 d n^2 + n^3/3 flops per edit batch, plus d^3/3 if the factor is not given.
+- "dense": torch.linalg.solve(lam C + K K^T, K) in float64 (LU), what the original does; the
+  reference twin. It does not test definiteness.
+- "auto": the method with the fewest flops by `solve_flops` (woodbury without a factor
+  counts its d^3/3 too); if woodbury was picked without a factor and lam C is not positive
+  definite, cholesky. For A, woodbury wins for n < ~0.5 d with a cached factor and for
+  n < ~0.3 d without one.
+
+Precision: float64 by default and always on CPU. float32 (`dtype=torch.float32`, CUDA only)
+has a relative error of about cond(G) * 6e-8 (cond(lam C) for woodbury);
+`benchmarks/kernels_device.py` measures it against float64 at GPT-J sizes on a synthetic C of
+condition ~20. Real statistics are worse conditioned: keep float64 unless measured on them.
+
+Errors: a matrix that is not positive definite raises NotPositiveDefiniteError (cholesky and
+woodbury check cuSOLVER's / torch's `info`); NaN or inf in the result raises SolveError.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from . import native
 from .errors import NotPositiveDefiniteError, SolveError
 
+METHODS = ("auto", "cholesky", "woodbury", "dense")
 
-def solve_update_keys(cov: torch.Tensor, keys: torch.Tensor, lam: float, *, method: str = "cholesky") -> torch.Tensor:
-    """A (d, n) float64 = (lam*cov + K K^T)^{-1} K; cov (d, d), keys K (d, n).
 
-    method "cholesky": Cholesky factor and solve in float64; "dense": torch.linalg.solve in
-    float64, the original's solve (the reference).
-    """
-    c, k = cov.double(), keys.double()
-    a = lam * c + k @ k.T
+def solve_flops(d: int, n: int, method: str, *, factored: bool = False, m: int | None = None) -> float:
+    """Floating-point operations of one solve (multiply-add = 2), as "auto" counts them; with m,
+    of Delta W for m = d_model right-hand sides (solve_delta_weights, m < n)."""
     if method == "dense":
-        x = torch.linalg.solve(a, k)
-    elif method == "cholesky":
-        factor, info = torch.linalg.cholesky_ex(a)
-        if int(info) != 0:
-            raise NotPositiveDefiniteError(f"lam*C + K K^T is not positive definite (leading minor {int(info)} fails)")
-        x = torch.cholesky_solve(k, factor)
+        return 2 * d**3 / 3 + 4 * d * d * n + (2 * d * n * m if m else 0)
+    if method == "cholesky":
+        return d**3 / 3 + (3 * d * d * n if m is None else d * d * n + 2 * d * n * m + 2 * d * d * m)
+    if method == "woodbury":
+        rest = 2 * d * d * n + 3 * d * n * n if m is None else d * d * n + d * n * n + 2 * n * n * m + 2 * d * n * m + d * d * m
+        return rest + n**3 / 3 + (0 if factored else d**3 / 3)
+    raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def factor_scaled_cov(cov: torch.Tensor, lam: float, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Lower Cholesky factor L of lam * cov: lam C = L L^T.
+
+    cov: (d, d) or (b, d, d) symmetric, float32 or float64 (only its lower triangle is read).
+    Returns L of the same shape in `dtype` (default float64; float64 always on CPU), upper
+    triangle zero. A batch of layers is factored with one synchronisation. Raises
+    NotPositiveDefiniteError naming the first failing matrix.
+    """
+    _check_square(cov, "cov")
+    return torch.ops.memit_fast.factor_scaled_cov(cov, float(lam), _compute_dtype(cov, dtype))
+
+
+def solve_update_keys(
+    cov: torch.Tensor,
+    keys: torch.Tensor,
+    lam: float,
+    *,
+    method: str = "auto",
+    factor: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A = (lam cov + K K^T)^-1 K.
+
+    cov: (d, d) symmetric positive (semi)definite, float32/float64; keys K: (d, n), any float
+    dtype, same device; factor: optional (d, d) lower factor of lam*cov from factor_scaled_cov
+    with the same lam (checked on its first column). Returns A (d, n), contiguous, in `dtype`
+    (float64 by default, always float64 on CPU; float32 allowed on CUDA).
+    """
+    return _solve(cov, keys, None, lam, method, factor, dtype)
+
+
+def solve_delta_weights(
+    cov: torch.Tensor,
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    lam: float,
+    *,
+    method: str = "auto",
+    factor: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Delta W = R A^T = ((lam cov + K K^T)^-1 K R^T)^T (MEMIT.md section 5 steps 4-5).
+
+    resid R: (m, n), the residuals of section 5 step 3 (m = d_model), same device. Returns
+    Delta W (m, d), contiguous, in the compute dtype (as solve_update_keys); transpose it for
+    Conv1D layouts. When m < n the solve runs on the m columns of K R^T instead of the n keys
+    (for GPT-J, 4096 instead of 10,000 right-hand sides); otherwise it is R @ A^T.
+    Other arguments as solve_update_keys.
+    """
+    if resid.dim() != 2 or resid.shape[1] != keys.shape[-1] or resid.device != keys.device:
+        raise ValueError(f"resid must be (m, {keys.shape[-1]}) on {keys.device}; got {tuple(resid.shape)} on {resid.device}")
+    if resid.shape[0] >= keys.shape[1]:
+        a = _solve(cov, keys, None, lam, method, factor, dtype)
+        return _check_finite(resid.to(a.dtype) @ a.mT, "R A^T")
+    return _solve(cov, keys, resid, lam, method, factor, dtype)
+
+
+def solve_update_keys_reference(cov: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
+    """The twin: torch.linalg.solve(lam cov + K K^T, K) in float64. cov (d, d), keys (d, n) -> (d, n)."""
+    c, k = cov.to(torch.float64), keys.to(torch.float64)
+    try:
+        a = torch.linalg.solve(torch.addmm(c, k, k.mT, beta=lam), k)
+    except torch.linalg.LinAlgError as e:
+        raise SolveError(f"lam*C + K K^T is singular: {e}") from e
+    return _check_finite(a.contiguous(), "dense solve")
+
+
+def _solve(cov, keys, resid, lam, method, factor, dtype) -> torch.Tensor:
+    """A (resid None) or Delta W (resid (m, n), m < n) by `method`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    _check_square(cov, "cov")
+    if cov.dim() != 2 or keys.dim() != 2 or keys.shape[0] != cov.shape[0] or keys.shape[1] == 0:
+        raise ValueError(f"need cov (d, d) and keys (d, n>0); got {tuple(cov.shape)} and {tuple(keys.shape)}")
+    if keys.device != cov.device:
+        raise ValueError(f"cov on {cov.device} but keys on {keys.device}")
+    d, n = keys.shape
+    m = None if resid is None else resid.shape[0]
+    dt = _compute_dtype(cov, dtype)
+    chosen = _auto(d, n, factor is not None, m) if method == "auto" else method
+    if chosen == "dense":
+        a = solve_update_keys_reference(cov, keys, lam)
+        return (a if resid is None else _check_finite((resid.double() @ a.mT).contiguous(), "R A^T")).to(dt)
+    if chosen == "cholesky":
+        return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt, resid)
+    if factor is None:
+        try:
+            factor = factor_scaled_cov(cov, lam, dtype=dt)
+        except NotPositiveDefiniteError:
+            if method != "auto":
+                raise
+            return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt, resid)
     else:
-        raise ValueError(f"unknown solve method {method!r}")
-    if not torch.isfinite(x).all():
-        raise SolveError("the update solve produced NaN or inf")
-    return x
+        _check_factor(factor, cov, lam)
+    return torch.ops.memit_fast.solve_woodbury(factor, keys, dt, resid)
+
+
+def _auto(d: int, n: int, factored: bool, m: int | None = None) -> str:
+    chol, wood = solve_flops(d, n, "cholesky", m=m), solve_flops(d, n, "woodbury", factored=factored, m=m)
+    return "woodbury" if wood < chol else "cholesky"
+
+
+def _compute_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"solve dtype must be float32 or float64, not {dtype}")
+    return torch.float32 if dtype == torch.float32 and t.is_cuda else torch.float64
+
+
+def _check_square(cov: torch.Tensor, name: str) -> None:
+    if cov.dim() not in (2, 3) or cov.shape[-1] != cov.shape[-2] or cov.shape[-1] == 0:
+        raise ValueError(f"{name} must be (d, d) or (b, d, d), got {tuple(cov.shape)}")
+    if cov.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {cov.dtype}")
+
+
+def _check_factor(factor: torch.Tensor, cov: torch.Tensor, lam: float) -> None:
+    """L[:, 0] * L[0, 0] is the first column of L L^T; it must equal lam * cov[:, 0]."""
+    if factor.shape != cov.shape or factor.device != cov.device:
+        raise ValueError(f"factor {tuple(factor.shape)} on {factor.device} does not match cov {tuple(cov.shape)} on {cov.device}")
+    col = factor[:, 0].double() * factor[0, 0].double()
+    want = lam * cov[:, 0].double()
+    tol = 1e-4 if factor.dtype == torch.float32 or cov.dtype == torch.float32 else 1e-9
+    if not torch.allclose(col, want, rtol=tol, atol=tol * float(want.abs().max())):
+        raise ValueError("factor is not the Cholesky factor of lam * cov (other lam or other layer?)")
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise SolveError(f"{what} produced NaN or inf")
+    return t
+
+
+def _raise_not_pd(info: torch.Tensor, what: str) -> None:
+    """info: (b,) int, cuSOLVER/torch convention (i > 0: leading minor of order i not PD)."""
+    info = info.reshape(-1).cpu()
+    if bool((info < 0).any()):
+        raise SolveError(f"{what}: invalid argument reported by the solver (info {info.tolist()})")
+    bad = torch.nonzero(info > 0).reshape(-1)
+    if len(bad):
+        b = int(bad[0])
+        where = f" (matrix {b} of {len(info)})" if len(info) > 1 else ""
+        raise NotPositiveDefiniteError(
+            f"{what}{where} is not positive definite: its leading minor of order {int(info[b])} is not; "
+            "check the statistics (NaN, too few tokens) and lambda"
+        )
+
+
+# ---- torch twins of the native paths (CPU; CUDA without the native module) ----
+
+
+def _factor_torch(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(cov.to(dtype) * lam)
+    _raise_not_pd(info, "lam * C")
+    return L.contiguous()
+
+
+def _cholesky_torch(cov, keys, lam, dtype, resid=None) -> torch.Tensor:
+    k = keys.to(dtype)
+    L, info = torch.linalg.cholesky_ex(torch.addmm(cov.to(dtype), k, k.mT, beta=lam))
+    _raise_not_pd(info, "lam * C + K K^T")
+    if resid is None:
+        return _check_finite(torch.cholesky_solve(k, L).contiguous(), "cholesky solve")
+    x = torch.cholesky_solve(k @ resid.to(dtype).mT, L)  # (d, m) = G^-1 K R^T
+    return _check_finite(x.mT.contiguous(), "cholesky solve")
+
+
+def _woodbury_torch(factor, keys, dtype, resid=None) -> torch.Tensor:
+    L, k = factor.to(dtype), keys.to(dtype)
+    y = torch.linalg.solve_triangular(L, k, upper=False)  # (d, n) = L^-1 K
+    m = torch.eye(k.shape[1], dtype=dtype, device=k.device).addmm_(y.mT, y)  # I + Y^T Y
+    Lm, info = torch.linalg.cholesky_ex(m)
+    _raise_not_pd(info, "I + K^T (lam C)^-1 K")
+    if resid is None:
+        z = torch.cholesky_solve(y.mT, Lm).mT  # Y M^-1 (d, n)
+    else:
+        z = y @ torch.cholesky_solve(resid.to(dtype).mT, Lm)  # Y M^-1 R^T (d, m)
+    x = torch.linalg.solve_triangular(L.mT, z, upper=True)
+    return _check_finite((x if resid is None else x.mT).contiguous(), "woodbury solve")
+
+
+# ---- native paths (column-major calls on row-major tensors: a row-major lower triangle is
+# ---- cuBLAS' upper one, and a row-major (n, d) buffer is a column-major d x n matrix) ----
+
+
+def _native_ready(t: torch.Tensor) -> bool:
+    return t.is_cuda and native.available()
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _factor_native(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    L = (cov.to(dtype) * lam).contiguous()
+    mats = L.reshape(-1, L.shape[-1], L.shape[-1])
+    d = mats.shape[-1]
+    with _on_device(cov):
+        kw = native.call_args(cov)
+        work = torch.empty(max(1, lib.potrf_workspace(f64, True, d, d, **kw)), dtype=dtype, device=cov.device)
+        info = torch.zeros(len(mats), dtype=torch.int32, device=cov.device)
+        for b, m in enumerate(mats):
+            lib.potrf(f64, True, d, m.data_ptr(), d, work.data_ptr(), work.numel(), info[b].data_ptr(), **kw)
+    _raise_not_pd(info, "lam * C")
+    return L.tril_()
+
+
+def _cholesky_native(cov, keys, lam, dtype, resid=None) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    d, n = keys.shape
+    k = keys.to(dtype).contiguous()  # row-major (d, n): column-major n x d, ld n
+    g = torch.empty(d, d, dtype=dtype, device=cov.device).copy_(cov)
+    if resid is None:
+        b = torch.empty(n, d, dtype=dtype, device=cov.device).copy_(keys.mT)  # column-major d x n: K
+    else:
+        b = resid.to(dtype) @ k.mT  # row-major (m, d): column-major d x m, K R^T
+    with _on_device(cov):
+        kw = native.call_args(cov)
+        lib.syrk(f64, True, True, d, n, 1.0, k.data_ptr(), n, float(lam), g.data_ptr(), d, **kw)
+        work = torch.empty(max(1, lib.potrf_workspace(f64, True, d, d, **kw)), dtype=dtype, device=cov.device)
+        info = torch.zeros(2, dtype=torch.int32, device=cov.device)
+        lib.potrf(f64, True, d, g.data_ptr(), d, work.data_ptr(), work.numel(), info[0].data_ptr(), **kw)
+        lib.potrs(f64, True, d, b.shape[0], g.data_ptr(), d, b.data_ptr(), d, info[1].data_ptr(), **kw)
+    _raise_not_pd(info, "lam * C + K K^T")
+    return _check_finite(b.mT.contiguous() if resid is None else b, "cholesky solve")
+
+
+def _woodbury_native(factor, keys, dtype, resid=None) -> torch.Tensor:
+    lib, f64 = native.lib(), dtype == torch.float64
+    d, n = keys.shape
+    L = factor.to(dtype).contiguous()  # row-major lower = column-major upper U, U^T U = lam C
+    y = torch.empty(n, d, dtype=dtype, device=keys.device).copy_(keys.mT)  # column-major d x n
+    m = torch.eye(n, dtype=dtype, device=keys.device)
+    with _on_device(keys):
+        kw = native.call_args(keys)
+        lib.trsm(f64, True, True, True, d, n, 1.0, L.data_ptr(), d, y.data_ptr(), d, **kw)  # Y = U^-T K
+        lib.syrk(f64, False, True, n, d, 1.0, y.data_ptr(), d, 1.0, m.data_ptr(), n, **kw)  # M = I + Y^T Y
+        work = torch.empty(max(1, lib.potrf_workspace(f64, False, n, n, **kw)), dtype=dtype, device=keys.device)
+        info = torch.zeros(2, dtype=torch.int32, device=keys.device)
+        lib.potrf(f64, False, n, m.data_ptr(), n, work.data_ptr(), work.numel(), info[0].data_ptr(), **kw)  # M = Lm Lm^T
+        if resid is None:
+            lib.trsm(f64, False, False, True, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y Lm^-T
+            lib.trsm(f64, False, False, False, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y M^-1
+            z = y
+        else:
+            w = resid.to(dtype).contiguous()  # row-major (m, n): column-major n x m, R^T
+            lib.potrs(f64, False, n, w.shape[0], m.data_ptr(), n, w.data_ptr(), n, info[1].data_ptr(), **kw)  # M^-1 R^T
+            z = w @ y  # row-major (m, d): column-major d x m, Y M^-1 R^T
+        lib.trsm(f64, True, True, False, d, z.shape[0], 1.0, L.data_ptr(), d, z.data_ptr(), d, **kw)  # U^-1 Z
+    _raise_not_pd(info, "I + K^T (lam C)^-1 K")
+    return _check_finite(z.mT.contiguous() if resid is None else z, "woodbury solve")
+
+
+# ---- torch.library ops: CPU (and any device without the native module) runs the torch twin ----
+
+
+@torch.library.custom_op("memit_fast::factor_scaled_cov", mutates_args=())
+def _factor_op(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    return (_factor_native if _native_ready(cov) else _factor_torch)(cov, lam, dtype)
+
+
+@torch.library.custom_op("memit_fast::solve_cholesky", mutates_args=())
+def _cholesky_op(cov: torch.Tensor, keys: torch.Tensor, lam: float, dtype: torch.dtype,
+                 resid: torch.Tensor | None = None) -> torch.Tensor:
+    return (_cholesky_native if _native_ready(cov) else _cholesky_torch)(cov, keys, lam, dtype, resid)
+
+
+@torch.library.custom_op("memit_fast::solve_woodbury", mutates_args=())
+def _woodbury_op(factor: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype,
+                 resid: torch.Tensor | None = None) -> torch.Tensor:
+    return (_woodbury_native if _native_ready(factor) else _woodbury_torch)(factor, keys, dtype, resid)
+
+
+@_factor_op.register_fake
+def _(cov, lam, dtype):
+    return cov.new_empty(cov.shape, dtype=dtype)
+
+
+def _solve_fake(keys, dtype, resid):
+    shape = keys.shape if resid is None else (resid.shape[0], keys.shape[0])
+    return keys.new_empty(shape, dtype=dtype)
+
+
+@_cholesky_op.register_fake
+def _(cov, keys, lam, dtype, resid=None):
+    return _solve_fake(keys, dtype, resid)
+
+
+@_woodbury_op.register_fake
+def _(factor, keys, dtype, resid=None):
+    return _solve_fake(keys, dtype, resid)

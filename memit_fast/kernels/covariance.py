@@ -1,0 +1,301 @@
+"""Streaming second moment of key rows, S = sum_t x_t x_t^T (MEMIT.md section 4), on tensor cores.
+
+`syrk_lower_` is the kernel: for a chunk X (N, d) (bf16, fp16 or fp32; optionally only the rows
+listed in `row_index`, read in place) it computes the tiles of X^T X that touch the lower
+triangle, fp32 accumulators, and stores them into (or adds them to) an fp32 buffer. Useful work
+N d (d + 1) flops; the diagonal tiles are computed whole: 1% more work for 128x128 tiles, 3%
+for 128x256.
+
+`CovarianceAccumulator` streams chunks through it. Precision: each chunk's products are summed
+in fp32 on the tensor cores (bf16/fp16 inputs are exact in fp32 products); the fp32 buffer holds
+at most `fold_tokens` (default 2^18) tokens before it is added into the float64 master sum, so no
+fp32 sum runs over more than 2^18 terms (relative error ~ 2^18 * 2^-24 = 1.6e-2 worst case,
+~1e-6 typical), and 44M tokens are summed in float64: no loss across chunks. The original sums
+everything in fp32.
+
+The state is the plain tensor pair (`sum` lower triangle in float64, `count` int64), so shards
+of a corpus computed on several GPUs combine with torch.distributed.all_reduce on both (not
+implemented here). `covariance_update_reference` is the torch twin (also the CPU path).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+# Triton's interpreter (CPU tests) multiplies bf16 dot operands as their raw uint16 bits
+# (triton 3.9); under it the kernel upcasts bf16 to fp32 first, which gives the same products.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group: int  # tile rows swept together, for L2 reuse of the column panels
+    num_warps: int
+    num_stages: int  # with row_index, 2 more: the index load takes pipeline stages of its own
+    tma: bool = False  # load through TMA descriptors when there is no row_index and x allows it
+    persistent: bool = False  # TMA only: one program per SM looping over tiles (flattened loop)
+
+
+# A few candidates; benchmarks/kernels_device.py times each on the device.
+CONFIGS = {
+    "128x256-tma": TileConfig(128, 256, 64, 8, 8, 3, tma=True),
+    "128x256": TileConfig(128, 256, 64, 8, 8, 3),
+    "128x128-tma": TileConfig(128, 128, 64, 8, 8, 4, tma=True),
+    # the flattened loop keeps an epilogue buffer beside the pipeline: 192 KB of shared memory
+    # here, 272 KB (too much) for 128x256 with 3 stages
+    "128x128-tma-persistent": TileConfig(128, 128, 64, 8, 8, 4, tma=True, persistent=True),
+    "128x128": TileConfig(128, 128, 64, 8, 8, 4),
+    "128x128-s3": TileConfig(128, 128, 64, 8, 8, 3),  # 96 KB of shared memory: two blocks per SM
+    "fp32": TileConfig(128, 128, 32, 8, 8, 3),
+}
+
+
+def default_config(dtype: torch.dtype) -> TileConfig:
+    return CONFIGS["fp32" if dtype == torch.float32 else "128x256-tma"]
+
+
+@triton.jit
+def _syrk_lower_kernel(
+    x_ptr, rows_ptr, n_rows_ptr, out_ptr, tiles_ptr,
+    d, stride_x, stride_out,
+    HAS_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program p: tile tiles[p] of X^T X over the first n_rows rows of x (of x[rows] if HAS_ROWS)."""
+    pid = tl.program_id(0)
+    tile_m = tl.load(tiles_ptr + 2 * pid)
+    tile_n = tl.load(tiles_ptr + 2 * pid + 1)
+    n_rows = tl.load(n_rows_ptr)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m, in_n = offs_m < d, offs_n < d
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, n_rows, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        in_k = offs_k < n_rows
+        if HAS_ROWS:
+            rows = tl.load(rows_ptr + offs_k, mask=in_k, other=0).to(tl.int64)
+        else:
+            rows = offs_k.to(tl.int64)
+        row_ptr = x_ptr + rows[:, None] * stride_x
+        a = tl.load(row_ptr + offs_m[None, :], mask=in_k[:, None] & in_m[None, :], other=0.0)  # (K, M)
+        b = tl.load(row_ptr + offs_n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)  # (K, N)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+    _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
+
+
+@triton.jit
+def _syrk_lower_tma_kernel(
+    a_desc, b_desc, n_rows_ptr, out_ptr, tiles_ptr,
+    d, stride_out, n_tiles,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """As _syrk_lower_kernel without row_index, loading through the tensor memory accelerator
+    (a_desc / b_desc: x with blocks (BLOCK_K, BLOCK_M) / (BLOCK_K, BLOCK_N), zero outside x).
+    Program p does tiles p, p + programs, ...: one each on a grid of n_tiles, or persistent on a
+    grid of one per SM, where FLATTEN lets the next tile's loads overlap this tile's epilogue."""
+    n_rows = tl.load(n_rows_ptr)
+    for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        tile_m = tl.load(tiles_ptr + 2 * t)
+        tile_n = tl.load(tiles_ptr + 2 * t + 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, n_rows, BLOCK_K):
+            a = a_desc.load([k, tile_m * BLOCK_M])  # (K, M)
+            b = b_desc.load([k, tile_n * BLOCK_N])  # (K, N)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
+
+
+@triton.jit
+def _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE: tl.constexpr):
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+    mask = (offs_m[:, None] < d) & (offs_n[None, :] < d)
+    if ACCUMULATE:  # a relaxed atomic add needs no second tile in registers; each tile has one owner
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc, mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and row stride."""
+    return x.shape[0] > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_table(d: int, block_m: int, block_n: int, group: int, device: torch.device) -> torch.Tensor:
+    """(tiles, 2) int32 (tile_m, tile_n) of every tile with an element on or below the diagonal,
+    `group` tile rows at a time, column by column inside a group."""
+    tm_count, tn_count = triton.cdiv(d, block_m), triton.cdiv(d, block_n)
+    tiles = [
+        (tm, tn)
+        for g0 in range(0, tm_count, group)
+        for tn in range(tn_count)
+        for tm in range(g0, min(g0 + group, tm_count))
+        if tm * block_m + block_m - 1 >= tn * block_n
+    ]
+    return torch.tensor(tiles, dtype=torch.int32, device=device)
+
+
+def syrk_lower_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    row_index: torch.Tensor | None = None,
+    n_rows: torch.Tensor | None = None,
+    accumulate: bool = False,
+    config: TileConfig | None = None,
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """out[tiles on/below the diagonal] (+)= X^T X, fp32 accumulation, in place; returns out.
+
+    out: (d, d) float32, unit column stride. x: (N, d) bf16/fp16/fp32, unit column stride.
+    row_index: optional (M,) int32/int64 rows of x to use (the others are not read).
+    n_rows: optional int32/int64 device tensor of one element: use only the first n_rows rows
+    (of row_index if given, else of x); lets a mask be applied without a host sync.
+    Entries of `out` strictly above the diagonal are written only inside diagonal tiles (with
+    their true values); the others are left as they were. fp32_precision: Triton's
+    input_precision for fp32 inputs ("ieee" exact, "tf32x3" ~fp32, "tf32" ~1e-3 relative).
+    """
+    d = x.shape[-1]
+    if x.dim() != 2 or out.shape != (d, d) or out.dtype != torch.float32:
+        raise ValueError(f"need x (N, d) and out (d, d) float32; got {tuple(x.shape)}, {tuple(out.shape)} {out.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, not {x.dtype}")
+    if x.stride(1) != 1 or out.stride(1) != 1 or x.device != out.device:
+        raise ValueError("x and out need unit column stride and one device")
+    cfg = config or default_config(x.dtype)
+    # TMA reads whole (BLOCK_K, BLOCK) boxes, zero past the end of x: only for all rows of x
+    use_tma = cfg.tma and row_index is None and n_rows is None and _tma_ok(x)
+    rows = row_index if row_index is not None else x.new_empty(0, dtype=torch.int32)
+    if n_rows is None:
+        n_rows = torch.full((1,), len(rows) if row_index is not None else x.shape[0], dtype=torch.int32, device=x.device)
+    tiles = _tile_table(d, cfg.block_m, cfg.block_n, cfg.group, x.device)
+    common = dict(
+        ACCUMULATE=accumulate,
+        PRECISION=fp32_precision if x.dtype == torch.float32 else "ieee",
+        UPCAST=x.dtype == torch.bfloat16 and INTERPRET,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+    )
+    if use_tma:
+        a_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_m])
+        b_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_n])
+        programs = min(len(tiles), _sm_count(x.device)) if cfg.persistent else len(tiles)
+        _syrk_lower_tma_kernel[(programs,)](
+            a_desc, b_desc, n_rows, out, tiles, d, out.stride(0), len(tiles), FLATTEN=cfg.persistent,
+            num_stages=cfg.num_stages, **common)
+    else:
+        _syrk_lower_kernel[(len(tiles),)](
+            x, rows, n_rows, out, tiles, d, x.stride(0), out.stride(0), HAS_ROWS=row_index is not None,
+            num_stages=cfg.num_stages + (2 if row_index is not None else 0), **common)
+    return out
+
+
+def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The twin: acc += X_m^T X_m with X_m the rows of x where mask is True (all rows if None),
+    products in fp32 as in the kernel, sum in acc's dtype. acc: (d, d); x: (..., d); mask: x's
+    leading shape, bool. Returns the number of rows added (int64 tensor)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None:
+        rows = rows[mask.reshape(-1)]
+    rows = rows.float()
+    acc += (rows.mT @ rows).to(acc.dtype)
+    return torch.tensor(rows.shape[0], dtype=torch.int64, device=acc.device)
+
+
+class CovarianceAccumulator:
+    """Running sum of x x^T and the number of rows, for one layer's keys.
+
+    d: key size; device; dtype: dtype of the keys given to `add` (bf16, fp16 or fp32).
+    backend: "triton" (the kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the twin),
+    "auto" (triton on CUDA, else torch). The state is `state()` = (sum (d, d) float64 whose lower
+    triangle is valid, count int64): add both across shards to combine them.
+    """
+
+    def __init__(self, d: int, device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto",
+                 fold_tokens: int = 2**18, config: TileConfig | None = None, fp32_precision: str = "ieee"):
+        self.d, self.dtype, self.device = d, dtype, torch.device(device or "cpu")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
+        self.backend = ("triton" if self.device.type == "cuda" else "torch") if backend == "auto" else backend
+        self.fold_tokens, self.config, self.fp32_precision = fold_tokens, config, fp32_precision
+        self._sum = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self._count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._buf = torch.zeros(d, d, dtype=torch.float32, device=self.device) if self.backend == "triton" else None
+        self._pending = 0  # rows (upper bound) in _buf since the last fold
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> None:
+        """Add the rows of x (..., d): all, those where mask (x's leading shape, bool) is True,
+        or those listed in row_index (flat row numbers). No host synchronisation."""
+        if x.shape[-1] != self.d or x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"expected (..., {self.d}) {self.dtype} on {self.device}; got {tuple(x.shape)} {x.dtype} on {x.device}")
+        if mask is not None and row_index is not None:
+            raise ValueError("give mask or row_index, not both")
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match x {tuple(x.shape)}")
+        rows = x.reshape(-1, self.d)  # a view for the usual contiguous hidden states
+        if self.backend == "torch":
+            if row_index is not None:
+                rows, mask = rows[row_index], None
+            self._count += covariance_update_reference(self._sum, rows, None if mask is None else mask.reshape(-1))
+            return
+        n_rows = None
+        if mask is not None:
+            flat = mask.reshape(-1)
+            row_index = torch.sort((~flat).to(torch.uint8), stable=True).indices  # masked rows first, in order
+            n_rows = flat.sum(dtype=torch.int32).reshape(1)
+        if self._pending + rows.shape[0] > self.fold_tokens and self._pending:
+            self._fold()
+        syrk_lower_(self._buf, rows, row_index=row_index, n_rows=n_rows, accumulate=self._pending > 0,
+                    config=self.config, fp32_precision=self.fp32_precision)
+        self._pending += rows.shape[0] if row_index is None else len(row_index)
+        self._count += n_rows[0] if n_rows is not None else (rows.shape[0] if row_index is None else len(row_index))
+
+    def _fold(self) -> None:
+        if self._pending:
+            self._sum += self._buf  # entries the kernel never writes stay zero; the next add overwrites the rest
+            self._pending = 0
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count): float64 (d, d) with the lower triangle valid, and the int64 row count."""
+        self._fold()
+        return self._sum, self._count
+
+    @property
+    def count(self) -> int:
+        return int(self._count)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """The full symmetric float64 sum of x x^T (d, d)."""
+        lower = torch.tril(self.state()[0])
+        return lower + torch.tril(lower, -1).mT
+
+    def mean(self) -> torch.Tensor:
+        """E[x x^T] = sum / count, float64 (d, d). Raises ValueError if nothing was added."""
+        n = self.count
+        if n == 0:
+            raise ValueError("no rows were added")
+        return self.sum / n

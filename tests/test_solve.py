@@ -1,0 +1,193 @@
+"""memit_fast.solve against a float64 solve on well-conditioned SPD systems, and its failures."""
+
+import pytest
+import torch
+
+import cpu_native
+from memit_fast import native, solve
+from memit_fast.errors import NotPositiveDefiniteError, SolveError
+
+LAM = 15000.0
+# relative error ||A - A_ref|| / ||A_ref|| allowed per compute dtype (cond(G) < ~1e3 here)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def spd_cov(d, device="cpu", dtype=torch.float64):
+    """A second moment like MEMIT's C: X^T X / N for N = 3d random rows, plus a small ridge."""
+    x = torch.randn(3 * d, d, dtype=torch.float64, device=device)
+    return (x.mT @ x / (3 * d) + 0.05 * torch.eye(d, dtype=torch.float64, device=device)).to(dtype)
+
+
+def truth(cov, keys, lam=LAM):
+    c, k = cov.double().cpu(), keys.double().cpu()
+    return torch.linalg.solve(lam * c + k @ k.mT, k)
+
+
+def rel(a, b):
+    return float((a.double().cpu() - b).norm() / b.norm())
+
+
+SIZES = [(1, 1), (7, 3), (130, 1), (130, 5), (64, 200), (257, 37)]
+
+
+@pytest.mark.parametrize("d,n", SIZES)
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense", "auto"])
+def test_methods_match_float64(d, n, method):
+    cov, keys = spd_cov(d), torch.randn(d, n) * 3
+    a = solve.solve_update_keys(cov, keys, LAM, method=method)
+    assert a.shape == (d, n) and a.dtype == torch.float64 and a.is_contiguous()
+    assert rel(a, truth(cov, keys)) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("d,n,m", [(1, 1, 1), (40, 30, 7), (64, 200, 16), (33, 5, 9)])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense", "auto"])
+def test_delta_weights_match_float64(d, n, m, method):
+    cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method=method)
+    assert delta.shape == (m, d) and delta.dtype == torch.float64 and delta.is_contiguous()
+    want = resid.double() @ truth(cov, keys).mT
+    assert rel(delta, want) < TOL[torch.float64]
+
+
+def test_cached_factor_and_batched_factor():
+    covs = torch.stack([spd_cov(50) for _ in range(3)])
+    L = solve.factor_scaled_cov(covs, LAM)
+    assert L.shape == (3, 50, 50) and torch.equal(L, L.tril())
+    for b in range(3):
+        assert rel(L[b], solve.factor_scaled_cov(covs[b], LAM).cpu()) < 1e-12
+        assert rel(L[b] @ L[b].mT, LAM * covs[b]) < 1e-12
+        keys = torch.randn(50, 4)
+        a = solve.solve_update_keys(covs[b], keys, LAM, method="woodbury", factor=L[b])
+        assert rel(a, truth(covs[b], keys)) < TOL[torch.float64]
+
+
+def test_float32_inputs_and_cpu_dtype():
+    cov, keys = spd_cov(40, dtype=torch.float32), torch.randn(40, 6, dtype=torch.bfloat16)
+    a = solve.solve_update_keys(cov, keys, LAM, method="cholesky", dtype=torch.float32)
+    assert a.dtype == torch.float64  # float64 always on CPU
+    assert rel(a, truth(cov, keys)) < TOL[torch.float64]
+
+
+def test_auto_picks_by_flops():
+    assert solve._auto(16384, 10_000, False) == "cholesky"
+    assert solve._auto(16384, 10_000, True) == "cholesky"
+    assert solve._auto(16384, 2000, False) == "woodbury"
+    assert solve._auto(16384, 6000, True) == "woodbury"
+    assert solve.solve_flops(16384, 100, "woodbury", factored=True) < solve.solve_flops(16384, 100, "cholesky") / 20
+    # Delta W with d_model = 4096 right-hand sides instead of 10,000 keys: ~20% fewer flops
+    assert solve.solve_flops(16384, 10_000, "cholesky", m=4096) < 0.85 * solve.solve_flops(16384, 10_000, "cholesky")
+
+
+def test_not_positive_definite_raises():
+    d = 20
+    cov = spd_cov(d)
+    cov[3, 3] = -1.0  # lam*C indefinite; with one key G stays indefinite
+    keys = torch.randn(d, 1) * 1e-3
+    for method in ("cholesky", "woodbury", "auto"):
+        with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+            solve.solve_update_keys(cov, keys, LAM, method=method)
+    with pytest.raises(NotPositiveDefiniteError, match="matrix 1 of 2"):
+        solve.factor_scaled_cov(torch.stack([spd_cov(d), cov]), LAM)
+
+
+def test_auto_falls_back_to_cholesky_when_lam_c_is_singular():
+    d = 30
+    x = torch.randn(d - 1, d, dtype=torch.float64)
+    cov = x.mT @ x  # rank d-1: lam*C is singular, G = lam*C + K K^T is not
+    keys = torch.randn(d, 2, dtype=torch.float64) * 100
+    a = solve.solve_update_keys(cov, keys, LAM, method="auto")  # woodbury by flops, then fallback
+    assert rel(a, truth(cov, keys)) < 1e-6
+    with pytest.raises(NotPositiveDefiniteError):
+        solve.solve_update_keys(cov, keys, LAM, method="woodbury")
+
+
+def test_nan_and_bad_input_fail_clearly():
+    cov, keys = spd_cov(10), torch.randn(10, 2)
+    bad = cov.clone()
+    bad[2, 5] = bad[5, 2] = float("nan")
+    with pytest.raises((NotPositiveDefiniteError, SolveError)):
+        solve.solve_update_keys(bad, keys, LAM, method="cholesky")
+    with pytest.raises(SolveError):
+        solve.solve_update_keys(bad, keys, LAM, method="dense")
+    with pytest.raises(ValueError, match="Cholesky factor of lam"):
+        solve.solve_update_keys(cov, keys, LAM, method="woodbury", factor=solve.factor_scaled_cov(cov, 2 * LAM))
+    with pytest.raises(ValueError, match="unknown method"):
+        solve.solve_update_keys(cov, keys, LAM, method="lu")
+    with pytest.raises(ValueError, match="keys"):
+        solve.solve_update_keys(cov, torch.randn(11, 2), LAM)
+    with pytest.raises(TypeError):
+        solve.factor_scaled_cov(cov.half(), LAM)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
+    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py."""
+    monkeypatch.setattr(native, "lib", lambda: cpu_native)
+    monkeypatch.setattr(native, "call_args", lambda t: {"stream": 0, "device": 0})
+    tol = TOL[dtype]
+    for d, n in [(1, 1), (33, 5), (70, 90)]:
+        cov, keys = spd_cov(d), torch.randn(d, n) * 3
+        ref = truth(cov, keys)
+        assert rel(solve._cholesky_native(cov, keys, LAM, dtype), ref) < tol
+        L = solve._factor_native(torch.stack([cov, cov]), LAM, dtype)
+        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
+        assert rel(solve._woodbury_native(L[0], keys, dtype), ref) < tol
+        resid = torch.randn(max(1, n // 3), n)
+        want = resid.double() @ ref.mT
+        assert rel(solve._cholesky_native(cov, keys, LAM, dtype, resid), want) < tol
+        assert rel(solve._woodbury_native(L[0], keys, dtype, resid), want) < tol
+    with pytest.raises(NotPositiveDefiniteError):
+        solve._factor_native(-spd_cov(5), LAM, dtype)
+
+
+@pytest.mark.parametrize(
+    "op,args",
+    [
+        ("factor_scaled_cov", lambda: (spd_cov(9), LAM, torch.float64)),
+        ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64)),
+        ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64)),
+        ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64, torch.randn(2, 4))),
+        ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64, torch.randn(3, 4))),
+    ],
+)
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(torch.ops.memit_fast, op).default, args())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense"])
+@pytest.mark.parametrize("d,n", [(1, 1), (257, 3), (1000, 1500), (4096, 512)])
+def test_cuda_methods_match_float64(method, dtype, d, n):
+    cov, keys = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda", dtype=torch.bfloat16)
+    a = solve.solve_update_keys(cov, keys, LAM, method=method, dtype=dtype)
+    want_dtype = torch.float64 if method == "dense" else dtype
+    assert a.device.type == "cuda" and a.dtype == want_dtype and a.shape == (d, n)
+    assert rel(a, truth(cov, keys)) < TOL[want_dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury"])
+def test_cuda_delta_weights_match_float64(method, dtype):
+    d, n, m = 2000, 1200, 300
+    cov, keys, resid = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda"), torch.randn(m, n, device="cuda")
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method=method, dtype=dtype)
+    assert delta.shape == (m, d) and delta.dtype == dtype
+    assert rel(delta, resid.double().cpu() @ truth(cov, keys).mT) < TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_cuda_not_positive_definite_raises():
+    cov = spd_cov(64, "cuda")
+    cov[10, 10] = -5.0
+    keys = torch.randn(64, 1, device="cuda") * 1e-3
+    with pytest.raises(NotPositiveDefiniteError, match="order 11"):
+        solve.solve_update_keys(cov, keys, LAM, method="cholesky")
+    with pytest.raises(NotPositiveDefiniteError, match="matrix 2 of 3"):
+        solve.factor_scaled_cov(torch.stack([spd_cov(64, "cuda"), spd_cov(64, "cuda"), cov]), LAM)
+
+
+@pytest.mark.native
+def test_native_is_used_on_cuda():
+    assert native.available() and solve._native_ready(torch.zeros(1, device="cuda"))
