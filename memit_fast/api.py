@@ -36,7 +36,7 @@ def apply(
     cache_dir=None,
     context_templates=None,
     seed: int = 0,
-    solve_method: str = "cholesky",
+    solve_method: str = "auto",
     chunk_tokens: int | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

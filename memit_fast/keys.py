@@ -1,5 +1,6 @@
 """Keys k^l (MEMIT.md section 3) and the current block-L outputs at the subject (section 5, step 2),
-read in one forward pass per layer with the current weights.
+read in one forward pass per layer with the current weights, gathered straight from the hooks
+into preallocated buffers (`gather_rows`, a Triton kernel on CUDA).
 
 Each prompt is cut right after the subject's token (causality: nothing after it changes what is
 read there), and the pass stops after block L. Keys are averaged over the templates in two
@@ -12,7 +13,8 @@ import torch
 
 from .edit_requests import EditRequest
 from .hparams import MEMITHyperParams
-from .model_access import StopForward, block_output, float_dtype, get_module, hooks, model_device, run_until_stop
+from .kernels.capture import gather_rows
+from .model_access import StopForward, block_output, float_dtype, get_module, hidden_size, hooks, in_features, model_device, run_until_stop
 from .templates import flatten, group_index
 from .tokens import encode_prompt, length_batches, pad_id, pad_right
 
@@ -47,27 +49,29 @@ def compute_keys_and_values(
     rewrite = get_module(model, hparams.rewrite_module_tmp.format(layer))
     block_L = get_module(model, hparams.layer_module_tmp.format(L))
     n_t = len(rows) // n_requests
-    keys, values = [], []
+    k_buf = torch.empty(len(rows), in_features(rewrite), device=device, dtype=dtype)
+    v_buf = torch.empty(len(rows), hidden_size(model), device=device, dtype=dtype)
     state = {}
 
     def grab_key(_m, args):
-        keys.append(args[0][state["rows"], state["cols"]].to(dtype))
+        gather_rows(args[0], state["index"], out=k_buf[state["slice"]])
 
     def grab_value(_m, _args, output):
-        values.append(block_output(output)[state["rows"], state["cols"]].to(dtype))
+        gather_rows(block_output(output), state["index"], out=v_buf[state["slice"]])
         raise StopForward
 
     batches = length_batches([len(r) for r in rows], batch_tokens)
     with hooks(rewrite.register_forward_pre_hook(grab_key), block_L.register_forward_hook(grab_value)):
+        start = 0
         for batch in batches:
             ids, mask = pad_right([rows[i] for i in batch], pad_id(tok), device)
-            state["rows"] = torch.arange(len(batch), device=device)
-            state["cols"] = mask.sum(1) - 1
+            state["index"] = torch.arange(len(batch), device=device) * ids.shape[1] + mask.sum(1) - 1
+            state["slice"] = slice(start, start + len(batch))
             run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
+            start += len(batch)
     order = torch.tensor([i for b in batches for i in b], device=device)
-    k_all = torch.empty(len(rows), keys[0].shape[1], device=device, dtype=dtype)
-    v_all = torch.empty(len(rows), values[0].shape[1], device=device, dtype=dtype)
-    k_all[order], v_all[order] = torch.cat(keys), torch.cat(values)
+    k_all, v_all = torch.empty_like(k_buf), torch.empty_like(v_buf)
+    k_all[order], v_all[order] = k_buf, v_buf
     k_all, v_all = k_all.view(n_requests, n_t, -1), v_all.view(n_requests, n_t, -1)
     groups = torch.tensor(group_index(templates), device=device)
     n_groups = int(groups.max()) + 1

@@ -67,6 +67,11 @@ def rewrite_weights(model: nn.Module, hparams: MEMITHyperParams) -> list[Rewrite
     return out
 
 
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear (weight (out, in)) or a GPT-2 Conv1D (weight (in, out))."""
+    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
 def hidden_size(model: nn.Module) -> int:
     config = model.config
     for name in ("hidden_size", "n_embd", "d_model"):

@@ -1,8 +1,8 @@
 """Covariance statistics C^l = E[k k^T] of the keys of each critical layer (MEMIT.md section 4).
 
 Fast path: ONE forward pass per batch of text captures the keys of all requested layers at once
-and stops after the last of them; padding is masked out; each batch's k^T k is formed in float32
-and added into a float64 sum with the token count. The reference path (`one_pass_per_layer`)
+and stops after the last of them; padding is masked out; each layer's keys stream into a
+`CovarianceAccumulator` (float32 products on tensor cores, float64 sum, token count). The reference path (`one_pass_per_layer`)
 does what the original does: one pass per layer, stopped at that layer.
 
 Results are cached as safetensors, one file per layer, keyed by the model's fingerprint, the
@@ -28,7 +28,8 @@ from . import __version__
 from .corpus import load_corpus
 from .errors import StatsError
 from .hparams import MEMITHyperParams
-from .model_access import StopForward, get_module, hooks, model_device, rewrite_weights, run_until_stop
+from .kernels.covariance import CovarianceAccumulator
+from .model_access import StopForward, get_module, hooks, in_features, model_device, rewrite_weights, run_until_stop
 from .tokens import length_batches, pad_id, pad_right
 
 FORMAT_VERSION = "1"
@@ -50,7 +51,8 @@ def model_fingerprint(model, hparams: MEMITHyperParams) -> str:
         if pattern.match(name):
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 257), device=flat.device).long()
+        k = min(flat.numel(), 257)
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
         sample = flat[idx].to(torch.bfloat16).float().cpu()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
@@ -131,34 +133,18 @@ def check_stats(mom2: torch.Tensor, count: int, where: str) -> None:
         raise StatsError(f"{where}: statistics contain NaN or inf")
 
 
-class _Accumulator:
-    """sum of k k^T in float64 and the token count; each batch's product is formed in float32 (or float64)."""
-
-    def __init__(self, d: int, device):
-        self.sum = torch.zeros(d, d, dtype=torch.float64, device=device)
-        self.count = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        x = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        self.sum += (x.T @ x).double()
-        self.count += rows.shape[0]
-
-    def finish(self, dtype: torch.dtype) -> LayerStats:
-        return LayerStats((self.sum / max(self.count, 1)).to(dtype), self.count)
-
-
-def _accumulate(model, tok, module_names: list[str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, _Accumulator]:
-    """One forward per batch; pre-hooks capture the unpadded inputs of every named module; the pass
-    stops after the last of them."""
-    device = model_device(model)
+def _accumulate(model, tok, module_names: list[str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, CovarianceAccumulator]:
+    """One forward per batch; pre-hooks hand the unpadded inputs of every named module to its
+    accumulator (the Triton kernel on CUDA reads the masked rows in place); the pass stops after
+    the last of them."""
+    device, dtype = model_device(model), next(model.parameters()).dtype
     modules = [get_module(model, n) for n in module_names]
-    accs = {n: _Accumulator(_in_features(m), device) for n, m in zip(module_names, modules)}
+    accs = {n: CovarianceAccumulator(in_features(m), device, dtype) for n, m in zip(module_names, modules)}
     state = {}
 
     def make_hook(name, last):
         def hook(_module, args):
-            x = args[0]
-            accs[name].add(x[state["mask"]])
+            accs[name].add(args[0], mask=state["mask"])
             if last:
                 raise StopForward
 
@@ -175,11 +161,6 @@ def _accumulate(model, tok, module_names: list[str], texts, max_length: int, bat
             run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
             bar.update(int(mask.sum()))
     return accs
-
-
-def _in_features(module) -> int:
-    w = module.weight
-    return w.shape[1] if isinstance(module, torch.nn.Linear) else w.shape[0]
 
 
 def compute_stats(
@@ -235,7 +216,7 @@ def compute_stats(
         desc = f"statistics, layer{'s' if len(group) > 1 else ''} {','.join(map(str, group))}"
         accs = _accumulate(model, tok, names, texts, max_length, batch_tokens, progress, desc)
         for layer, name in zip(group, names):
-            stats = accs[name].finish(dtype)
+            stats = LayerStats(accs[name].mean().to(dtype), accs[name].count)
             check_stats(stats.mom2, stats.count, f"layer {layer}")
             out[layer] = stats
             if use_cache:

@@ -10,7 +10,7 @@ from .errors import SolveError
 from .hparams import MEMITHyperParams
 from .keys import compute_keys_and_values, key_rows
 from .model_access import RewriteWeight
-from .solve import solve_update_keys
+from .solve import solve_delta_weights
 
 
 def write_layer(weight: RewriteWeight, delta: torch.Tensor) -> None:
@@ -24,9 +24,8 @@ def write_layer(weight: RewriteWeight, delta: torch.Tensor) -> None:
 
 
 def layer_delta(cov: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, lam: float, method: str) -> torch.Tensor:
-    """Delta W = R A^T with A = (lam C + K K^T)^{-1} K; keys (n, d_ff), residual R (n, d_model) -> (d_model, d_ff)."""
-    a = solve_update_keys(cov.to(keys.device), keys.T, lam, method=method)
-    return residual.double().T @ a.T
+    """Delta W = R A^T with A = (lam C + K K^T)^{-1} K (float64); keys (n, d_ff), residual (n, d_model) -> (d_model, d_ff)."""
+    return solve_delta_weights(cov.to(keys.device), keys.T, residual.T.contiguous(), lam, method=method)
 
 
 def apply_update(
@@ -39,7 +38,7 @@ def apply_update(
     covs: dict[int, torch.Tensor],
     weights: list[RewriteWeight],
     *,
-    solve_method: str = "cholesky",
+    solve_method: str = "auto",
     batch_tokens: int = 8192,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
