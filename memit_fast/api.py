@@ -12,6 +12,7 @@ from .errors import StatsError
 from .hparams import MEMITHyperParams
 from .model_access import rewrite_weights
 from .presets import for_model
+from .profiling import NO_TIMER
 from .reference import reference_edit
 from .stats import LayerStats, check_stats, compute_stats
 from .targets import compute_targets
@@ -39,6 +40,7 @@ def apply(
     solve_method: str = "auto",
     chunk_tokens: int | None = None,
     progress: bool = True,
+    timer=None,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """Write `requests` into `model` with MEMIT; returns (model, orig_weights).
 
@@ -50,6 +52,7 @@ def apply(
     stats: {layer: LayerStats or (d_ff, d_ff) tensor}, else computed or loaded from the cache in
         cache_dir, over `corpus` (default hparams.mom2_dataset; see memit_fast.corpus).
     context_templates: groups of templates [["{}"], [...]], else sampled from the model with `seed`.
+    timer: a memit_fast.profiling.PhaseTimer to record time and peak memory per phase.
     On any error the weights are left as they were.
     """
     if mode not in MODES:
@@ -63,16 +66,20 @@ def apply(
         encode_prompt(tok, r.before, r.subject, r.after, hparams.fact_token)
         encode_target(tok, r.target)
 
+    timer = timer or NO_TIMER
     with _eval_no_param_grads(model):
-        templates = normalize_templates(context_templates or generate_context_templates(model, tok, seed=seed))
-        covs = _covariances(model, tok, hparams, stats, corpus, cache_dir, seed, progress, mode)
+        with timer("templates"):
+            templates = normalize_templates(context_templates or generate_context_templates(model, tok, seed=seed))
+        with timer("statistics"):
+            covs = _covariances(model, tok, hparams, stats, corpus, cache_dir, seed, progress, mode)
         orig = {w.name: w.param.detach().to("cpu", copy=True) for w in weights}
         try:
             if mode == "reference":
-                reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=progress)
+                reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=progress, timer=timer)
             else:
-                z = compute_targets(model, tok, reqs, hparams, templates, chunk_tokens=chunk_tokens, progress=progress)
-                apply_update(model, tok, reqs, hparams, z, templates, covs, weights, solve_method=solve_method, progress=progress)
+                with timer("z"):
+                    z = compute_targets(model, tok, reqs, hparams, templates, chunk_tokens=chunk_tokens, progress=progress)
+                apply_update(model, tok, reqs, hparams, z, templates, covs, weights, solve_method=solve_method, progress=progress, timer=timer)
         except BaseException:
             restore(model, orig)
             raise

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .edit_requests import EditRequest
 from .hparams import MEMITHyperParams
 from .model_access import RewriteWeight, block_output, float_dtype, get_module, hooks, lm_head_params, model_device, with_block_output
+from .profiling import NO_TIMER
 from .templates import flatten, group_index
 from .tokens import encode_prompt, encode_target, length_batches, pad_id, pad_right
 from .update import layer_delta, write_layer
@@ -124,13 +125,17 @@ def reference_keys_and_values(model, tok, requests, hp: MEMITHyperParams, layer:
     return keys, cur
 
 
-def reference_edit(model, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates, covs, weights: list[RewriteWeight], *, progress: bool = True) -> dict[str, torch.Tensor]:
+def reference_edit(model, tok, requests: list[EditRequest], hp: MEMITHyperParams, templates, covs, weights: list[RewriteWeight], *, progress: bool = True, timer=NO_TIMER) -> dict[str, torch.Tensor]:
     """The whole edit in the original's structure; returns {parameter name: delta}."""
-    z = torch.stack([reference_z(model, tok, r, hp, templates) for r in tqdm(requests, desc="z (reference)", disable=not progress)])
+    with timer("z"):
+        z = torch.stack([reference_z(model, tok, r, hp, templates) for r in tqdm(requests, desc="z (reference)", disable=not progress)])
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates (reference)", disable=not progress)):
-        keys, cur = reference_keys_and_values(model, tok, requests, hp, w.layer, templates)
-        delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hp.mom2_update_weight, "dense")
-        write_layer(w, delta)
+        with timer("keys and values"):
+            keys, cur = reference_keys_and_values(model, tok, requests, hp, w.layer, templates)
+        with timer("solve"):
+            delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hp.mom2_update_weight, "dense")
+        with timer("weight update"):
+            write_layer(w, delta)
         deltas[w.name] = delta
     return deltas

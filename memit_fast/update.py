@@ -10,6 +10,7 @@ from .errors import SolveError
 from .hparams import MEMITHyperParams
 from .keys import compute_keys_and_values, key_rows
 from .model_access import RewriteWeight
+from .profiling import NO_TIMER
 from .solve import solve_delta_weights
 
 
@@ -41,14 +42,17 @@ def apply_update(
     solve_method: str = "auto",
     batch_tokens: int = 8192,
     progress: bool = True,
+    timer=NO_TIMER,
 ) -> dict[str, torch.Tensor]:
     """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}."""
     rows = key_rows(tok, requests, templates, hparams.fact_token)
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
-        keys, cur = compute_keys_and_values(model, tok, rows, len(requests), hparams, w.layer, templates, batch_tokens=batch_tokens)
-        residual = (z - cur) / (len(weights) - i)
-        delta = layer_delta(covs[w.layer], keys, residual, hparams.mom2_update_weight, solve_method)
-        write_layer(w, delta)
+        with timer("keys and values"):
+            keys, cur = compute_keys_and_values(model, tok, rows, len(requests), hparams, w.layer, templates, batch_tokens=batch_tokens)
+        with timer("solve"):
+            delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hparams.mom2_update_weight, solve_method)
+        with timer("weight update"):
+            write_layer(w, delta)
         deltas[w.name] = delta
     return deltas
