@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import targets
 from .edit_requests import EditRequest
 from .hparams import MEMITHyperParams
 from .model_access import RewriteWeight, block_output, float_dtype, get_module, hooks, lm_head_params, model_device, with_block_output
@@ -73,7 +74,7 @@ def reference_z(model, tok, request: EditRequest, hp: MEMITHyperParams, template
         kl_loss = hp.kl_factor * torch.nn.functional.kl_div(kl_init, kl_log_probs, log_target=True, reduction="sum")
         decay = hp.v_weight_decay * (delta.norm() / state["init"].norm() ** 2)
         loss = nll + kl_loss + decay
-        if loss < 5e-2 or it == hp.v_num_grad_steps - 1:
+        if loss < targets.STOP_LOSS or it == hp.v_num_grad_steps - 1:
             break
         loss.backward()
         opt.step()

@@ -38,11 +38,20 @@ def _subject_token_range(tok, text: str, start: int, end: int) -> tuple[list[int
             raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
         return ids, covering[0], covering[-1]
     ids = list(tok(text)["input_ids"])
-    n_before = len(tok(text[:start])["input_ids"])
-    n_through = len(tok(text[:end])["input_ids"])
-    if n_through <= n_before - (1 if n_before else 0) or n_through > len(ids):
+    first = _common_prefix(tok(text[:start])["input_ids"], ids)
+    through = tok(text[:end])["input_ids"]
+    common = _common_prefix(through, ids)
+    last = common - 1 if common == len(through) else common  # else the token holding the subject's end
+    if last < first or last >= len(ids):
         raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
-    return ids, max(n_before - 1, 0) if n_through == n_before else n_before, n_through - 1
+    return ids, first, last
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def encode_prompt(tok, before: str, subject: str, after: str, fact_token: str = "subject_last") -> EncodedPrompt:

@@ -1,0 +1,74 @@
+"""Batched target vectors z equal one-at-a-time ones (MEMIT.md section 2)."""
+
+import pytest
+import torch
+
+from memit_fast import targets
+from memit_fast.edit_requests import normalize_requests
+from memit_fast.reference import reference_z
+from memit_fast.targets import compute_targets
+
+import tiny
+
+
+def _rel(a, b):
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_batched_z_equals_one_at_a_time(arch):
+    m, tok = tiny.model(arch), tiny.tokenizer()
+    hp = tiny.hparams(m)
+    reqs = normalize_requests(tiny.REQUESTS)
+    batched = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
+    alone = torch.cat([compute_targets(m, tok, [r], hp, tiny.TEMPLATES, progress=False) for r in reqs])
+    ref = torch.stack([reference_z(m, tok, r, hp, tiny.TEMPLATES) for r in reqs])
+    assert batched.dtype == torch.float64
+    # float64 models: the only differences are rounding, amplified a little by Adam.
+    assert _rel(batched, alone) < 1e-9
+    assert _rel(batched, ref) < 1e-9
+
+
+def test_z_moves_towards_the_target():
+    m, tok = tiny.model("llama"), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=1)
+    reqs = normalize_requests(tiny.REQUESTS)
+    h_init = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)  # one step: no update
+    z = compute_targets(m, tok, reqs, hp.replace(v_num_grad_steps=10), tiny.TEMPLATES, progress=False)
+    assert (z - h_init).norm(dim=1).min() > 0
+    # the clamp: ||z - h_init|| <= clamp_norm_factor * ||h_init||
+    assert ((z - h_init).norm(dim=1) <= hp.clamp_norm_factor * h_init.norm(dim=1) * (1 + 1e-9)).all()
+
+
+def test_early_stop_per_request(monkeypatch):
+    """Requests that meet the stop rule leave the batch and keep their z; the others go on."""
+    m, tok = tiny.model("gpt2"), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=8)
+    reqs = normalize_requests(tiny.REQUESTS)
+    h_init = compute_targets(m, tok, reqs, hp.replace(v_num_grad_steps=1), tiny.TEMPLATES, progress=False)
+    monkeypatch.setattr(targets, "STOP_LOSS", 1e9)  # everyone stops at step 0
+    assert torch.equal(compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False), h_init)
+    # A threshold between the two lowest first-step losses: one request stops at once, others go on.
+    first = [_step0_loss(m, tok, r, hp) for r in reqs]
+    low = sorted(first)
+    monkeypatch.setattr(targets, "STOP_LOSS", (low[0] + low[1]) / 2)
+    mixed = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
+    ref = torch.stack([reference_z(m, tok, r, hp, tiny.TEMPLATES) for r in reqs])
+    assert _rel(mixed, ref) < 1e-9
+    stopped = [i for i in range(len(reqs)) if torch.equal(mixed[i], h_init[i])]
+    assert stopped == [first.index(low[0])]
+
+
+def _step0_loss(m, tok, request, hp):
+    """The loss of the first step (delta = 0): NLL + KL (0) + decay (0)."""
+    from memit_fast.targets import build_rows
+    from memit_fast.templates import flatten
+
+    rows = build_rows(tok, request, flatten(tiny.TEMPLATES), hp.fact_token)
+    nll = []
+    with torch.no_grad():
+        for ids, start in zip(rows.ids, rows.target_start):
+            lp = m(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            pos = torch.arange(len(rows.target)) + start
+            nll.append(-lp[pos, torch.tensor(rows.target)].mean())
+    return float(torch.stack(nll).mean())
