@@ -34,7 +34,7 @@ from .tokens import length_batches, pad_id, pad_right
 
 FORMAT_VERSION = "1"
 DEFAULT_MAX_LENGTH = 1024
-MODEL_SAMPLE_LENGTH = 128  # tokens per document when the corpus is sampled from the model
+MODEL_SAMPLE_LENGTH = 64  # tokens per document when the corpus is sampled from the model
 
 
 def default_cache_dir() -> Path:
