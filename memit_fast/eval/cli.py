@@ -73,11 +73,17 @@ def _commit() -> str | None:
         return None
 
 
-def _meta(args, model) -> dict:
+def _meta(args, model, load_at_start: float) -> dict:
     import transformers
 
     dev = next(model.parameters()).device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = (
+            f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"load average {load_at_start:.1f} at start)"
+        )
     return {
         "model": args.model_gguf or args.model or "default (memit_fast.load_default_model)",
         "data": args.data,
@@ -100,6 +106,7 @@ def run(args) -> int:
         print("no records to evaluate", file=sys.stderr)
         return 2
     model, tok = load_model(args.model, args.model_gguf, args.device, args.dtype)
+    load_at_start = os.getloadavg()[0]
     opts = {k: v for k, v in (("corpus", args.corpus), ("cache_dir", args.cache_dir)) if v is not None}
     result = run_evaluation(
         model,
@@ -115,7 +122,7 @@ def run(args) -> int:
         seed=args.seed,
         apply_options=opts | {"seed": args.seed},
     )
-    result["meta"] = _meta(args, model)
+    result["meta"] = _meta(args, model, load_at_start)
     text = markdown_report(result)
     print(text)
     if args.out:
