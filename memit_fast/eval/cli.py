@@ -65,12 +65,15 @@ def load_model(model: str | None, model_gguf: str | None, device: str | None, dt
 
 
 def _commit() -> str | None:
+    """Short commit of this checkout, with "-dirty" when tracked files have changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or None
+        git = ["git", "-C", here]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return None
+    return (head + ("-dirty" if dirty else "")) or None
 
 
 def _meta(args, model, load_at_start: float) -> dict:
