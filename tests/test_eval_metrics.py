@@ -18,6 +18,7 @@ from memit_fast.eval import (
     evaluate_zsre,
     generate_texts,
     harmonic_mean,
+    markdown_report,
     ngram_entropy,
     run_evaluation,
     score_targets,
@@ -456,3 +457,13 @@ def test_bad_restore_is_caught(lm):
 def test_unedited_only_needs_no_editor(lm):
     out = run_evaluation(lm, FakeTok(), [ZSRE], edit=False, log=lambda m: None)
     assert out["kind"] == "zsre" and out["after"] is None and out["case_ids"] == [0]
+
+
+def test_markdown_report_rows(lm):
+    ed = FakeEditor(lm)
+    out = run_evaluation(lm, FakeTok(), _records(2), fluency=False, apply_fn=ed.apply, restore_fn=ed.restore,
+                         log=lambda m: None)  # fmt: skip
+    md = markdown_report(out)
+    assert "| Efficacy ES: P(new) > P(true) | 100.0 ± 0.0 | 0.0 ± 0.0 |" in md
+    assert "| Score S (hmean ES, PS, NS) | 60.0 | 0.0 |" in md  # ES 0 after: S is 0
+    assert "- eval_before: " in md and "- edit: " in md

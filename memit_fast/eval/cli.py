@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--kind", choices=(*KINDS, "auto"), default="auto", help="record format (default: from the keys)")
     a("--edits", type=int, default=None, metavar="N", help="use the first N records (default: all)")
     a("--batch-size", type=int, default=64, metavar="B", help="(prompt, target) pairs per forward")
-    a("--edit-batch", type=int, default=None, metavar="E", help="edit in batches of E (default: all N at once)")
+    a("--edit-batch", type=int, default=None, metavar="E", help="edit in batches of E (default: all N)")
     a("--sequential", action="store_true", help="apply the edit batches one after another, then evaluate")
     a("--no-edit", action="store_true", help="evaluate the unedited model only")
     a("--corpus", default=None, help="statistics corpus passed to memit_fast.apply (text file)")
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as loaded)")
     a("--no-fluency", action="store_true", help="skip generation and n-gram entropy (CounterFact)")
-    a("--gen-length", type=int, default=100, metavar="T", help="tokens per generated text, prompt included (100)")
+    a("--gen-length", type=int, default=100, metavar="T", help="tokens per generated text with its prompt")
     a("--seed", type=int, default=0, help="seed of the fluency sampling and of the edit")
     a("--out", default=None, metavar="FILE", help="write the results (with per-record values) as JSON")
     a("--markdown", default=None, metavar="FILE", help="write the report as Markdown")
@@ -68,9 +68,10 @@ def _commit() -> str | None:
     """Short commit of this checkout, with "-dirty" when tracked files have changes."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        git = ["git", "-C", here]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True).stdout.strip()
+        def git(*a):
+            return subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
+
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "-uno")
     except OSError:
         return None
     return (head + ("-dirty" if dirty else "")) or None
@@ -95,7 +96,8 @@ def _meta(args, model, load_at_start: float) -> dict:
         "batch_size": args.batch_size,
         "fluency": f"{args.gen_length} tokens per text" if not args.no_fluency else "off",
         "seed": args.seed,
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}",
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

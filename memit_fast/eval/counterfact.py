@@ -40,6 +40,7 @@ def evaluate_counterfact(
     tok,
     records: Sequence[dict],
     *,
+    case_ids: Sequence[int] | None = None,
     batch_size: int = 64,
     fluency: bool = True,
     seed: int = 0,
@@ -52,7 +53,10 @@ def evaluate_counterfact(
      "ngram_entropy": GE in bits (mean over the record's texts), "texts": [...]}  (fluency only)
 
     All records' prompts are scored together, `batch_size` (prompt, target) pairs per forward.
+    Case ids default to each record's `case_id`, else its position.
     """
+    if case_ids is None:
+        case_ids = [rec.get("case_id", r) for r, rec in enumerate(records)]
     prompts, targets, where = [], [], []
     for r, rec in enumerate(records):
         rw = rec["requested_rewrite"]
@@ -63,9 +67,9 @@ def evaluate_counterfact(
                 where.append((r, name))
     scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
     out = [
-        {"case_id": rec.get("case_id", r)}
+        {"case_id": cid}
         | {name: {"nll_new": [], "nll_true": [], "new_argmax": [], "true_argmax": []} for name in PROMPT_SETS}
-        for r, rec in enumerate(records)
+        for cid in case_ids
     ]
     hits = scores.all_correct
     for k, (r, name) in enumerate(where):
@@ -76,7 +80,9 @@ def evaluate_counterfact(
         d["true_argmax"].append(hits[2 * k + 1])
     if fluency:
         gen_prompts = [p for rec in records for p in rec["generation_prompts"]]
-        texts = generate_texts(model, tok, gen_prompts, max_length=gen_length, batch_size=batch_size, seed=seed)
+        texts = generate_texts(
+            model, tok, gen_prompts, max_length=gen_length, batch_size=batch_size, seed=seed
+        )
         at = 0
         for r, rec in enumerate(records):
             mine = texts[at : at + len(rec["generation_prompts"])]

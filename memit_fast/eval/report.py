@@ -104,7 +104,8 @@ def zsre_metrics(results: Sequence[dict]) -> dict:
 
 
 def _score(metrics: dict, names) -> dict:
-    return {"mean": harmonic_mean([metrics[k]["mean"] for k in names]), "se": None, "n": metrics[names[0]]["n"]}
+    hm = harmonic_mean([metrics[k]["mean"] for k in names])
+    return {"mean": hm, "se": None, "n": metrics[names[0]]["n"]}
 
 
 def _cell(m: dict | None) -> str:
@@ -132,9 +133,7 @@ def markdown_report(result: dict) -> str:
     after = (result.get("after") or {}).get("metrics")
     meta = result.get("meta", {})
     lines = [f"## {result['kind']}: {result['n_records']} records, {result['mode']}", ""]
-    for k in ("model", "data", "device", "dtype", "batch_size", "fluency", "seed", "versions", "commit", "date"):
-        if k in meta:
-            lines.append(f"- {k}: {meta[k]}")
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", markdown_table(labels, before, after), "", "Times (s):", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in result["timing_s"].items() if isinstance(v, (int, float))]
     return "\n".join(lines) + "\n"

@@ -55,8 +55,9 @@ def evaluate(
     """Per-record results of the model as it is now."""
     if kind == "counterfact":
         return evaluate_counterfact(
-            model, tok, records, batch_size=batch_size, fluency=fluency, seed=seed, gen_length=gen_length
-        )
+            model, tok, records, case_ids=case_ids, batch_size=batch_size, fluency=fluency, seed=seed,
+            gen_length=gen_length,
+        )  # fmt: skip
     return evaluate_zsre(model, tok, records, case_ids=case_ids, batch_size=batch_size)
 
 
@@ -132,7 +133,8 @@ def run_evaluation(
     batches = [range(i, min(i + step, n)) for i in range(0, n, step)]
     mode = "unedited only"
     if edit:
-        mode = "all at once" if len(batches) == 1 else f"{'sequential' if sequential else 'independent'} batches of {step}"
+        how = "sequential" if sequential else "independent"
+        mode = "all at once" if len(batches) == 1 else f"{how} batches of {step}"
     ev = dict(batch_size=batch_size, fluency=fluency, seed=seed, gen_length=gen_length)
     timing: dict = {}
 
@@ -171,8 +173,9 @@ def run_evaluation(
             (_, w), dt = _timed(
                 model,
                 lambda: apply_fn(
-                    model, tok, [requests[i] for i in b], hparams, copy=False, return_orig_weights=True, **opts
-                ),
+                    model, tok, [requests[i] for i in b], hparams, copy=False, return_orig_weights=True,
+                    **opts,
+                ),  # fmt: skip
             )
             timing["edit"] += dt
             timing["edit_batches"].append(dt)
@@ -180,13 +183,15 @@ def run_evaluation(
                 orig.setdefault(name, t)  # the first copy is the unedited weight
             if not sequential:
                 log(f"[eval] evaluating batch {k + 1} edited")
-                res, dt = _timed(model, lambda: evaluate(model, tok, kind, [records[i] for i in b], [ids[i] for i in b], **ev))
+                part = [records[i] for i in b], [ids[i] for i in b]
+                res, dt = _timed(model, lambda: evaluate(model, tok, kind, *part, **ev))
                 timing["eval_after"] += dt
                 after += res
                 do_restore()
         if sequential:
             log(f"[eval] evaluating all {n} records after the sequential edits")
-            after, timing["eval_after"] = _timed(model, lambda: evaluate(model, tok, kind, records, ids, **ev))
+            after, dt = _timed(model, lambda: evaluate(model, tok, kind, records, ids, **ev))
+            timing["eval_after"] = dt
     finally:
         if orig:
             do_restore()
