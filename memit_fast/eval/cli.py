@@ -65,19 +65,19 @@ def load_model(model: str | None, model_gguf: str | None, device: str | None, dt
 
 
 def _commit() -> str | None:
-    """Short commit of this checkout, with "-dirty" when tracked files have changes."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """Short commit of this checkout, with "-dirty" when the package's tracked files have changes."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # memit_fast/
     try:
         def git(*a):
             return subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
 
-        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "-uno")
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "-uno", "--", here)
     except OSError:
         return None
     return (head + ("-dirty" if dirty else "")) or None
 
 
-def _meta(args, model, load_at_start: float) -> dict:
+def _meta(args, model, kind: str, load_at_start: float) -> dict:
     import transformers
 
     dev = next(model.parameters()).device
@@ -94,7 +94,7 @@ def _meta(args, model, load_at_start: float) -> dict:
         "device": name,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": args.batch_size,
-        "fluency": f"{args.gen_length} tokens per text" if not args.no_fluency else "off",
+        "fluency": "off" if args.no_fluency or kind != "counterfact" else f"{args.gen_length} tokens per text",
         "seed": args.seed,
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}",
@@ -127,7 +127,7 @@ def run(args) -> int:
         seed=args.seed,
         apply_options=opts | {"seed": args.seed},
     )
-    result["meta"] = _meta(args, model, load_at_start)
+    result["meta"] = _meta(args, model, result["kind"], load_at_start)
     text = markdown_report(result)
     print(text)
     if args.out:
