@@ -81,7 +81,7 @@ def _eval_args(tmp_path, stats_dir, *extra):
 @pytest.mark.parametrize(
     "dataset, n, extra",
     [
-        ("counterfact_250.json", 2, ["--gen-length", "24"]),
+        ("counterfact_250.json", 2, ["--gen-length", "16"]),
         ("zsre_eval_300.json", 2, []),
     ],
 )
