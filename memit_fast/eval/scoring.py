@@ -79,7 +79,7 @@ def split_head(model: torch.nn.Module):
     return body, head
 
 
-def pick_logits(model, input_ids, attention_mask, rows, cols, **kwargs) -> torch.Tensor:
+def pick_logits(model, input_ids, attention_mask, rows, cols) -> torch.Tensor:
     """Logits at positions (rows[i], cols[i]) as float32, shape (len(rows), vocab).
 
     input_ids, attention_mask: (B, L). Projects only the picked positions when the model splits
@@ -87,10 +87,10 @@ def pick_logits(model, input_ids, attention_mask, rows, cols, **kwargs) -> torch
     """
     parts = split_head(model)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits[rows, cols].float()
     body, head = parts
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     picked = hidden[rows, cols]
     return torch.cat([head(picked[i : i + _HEAD_ROWS]).float() for i in range(0, len(picked), _HEAD_ROWS)])
 
