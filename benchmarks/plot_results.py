@@ -113,17 +113,24 @@ def markdown(docs: list[dict]) -> str:
 
 
 def plot(docs: list[dict], path) -> None:
+    import math
+
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     docs = [d for d in docs if any(r.get("phases") and r.get("total_s") for r in d.get("runs", []))]
     if not docs:
         raise SystemExit("no runs to plot")
-    fig, axes = plt.subplots(1, len(docs), figsize=(6.5 * len(docs), 5), squeeze=False)
+    cols = min(3, len(docs))
+    rows = math.ceil(len(docs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.4 * rows + 0.8), squeeze=False)
     colours = dict(zip(PHASES + ["total"], ["#999999", "#8c564b", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#bcbd22", "black"]))
-    for ax, doc in zip(axes[0], docs):
+    shown = set()
+    for ax, doc in zip(axes.flat, docs):
         for mode, style in (("fast", "-"), ("reference", "--")):
             runs = sorted((r for r in doc["runs"] if r["mode"] == mode and r.get("total_s") and (mode == "fast" or not r.get("measured", True))),
                           key=lambda r: r["edits"])
@@ -135,16 +142,24 @@ def plot(docs: list[dict], path) -> None:
                 pts = [(x, y) for x, y in zip(xs, ys) if y]
                 if not pts or (ph != "total" and max(y for _, y in pts) < 1e-3):
                     continue
-                hollow = mode == "reference"
-                ax.plot(*zip(*pts), style, marker="o", color=colours[ph], mfc="none" if hollow else colours[ph],
-                        lw=2.5 if ph == "total" else 1.3, label=f"{mode}: {ph}" + (" (extrapolated)" if hollow else ""))
+                shown.add(ph)
+                ax.plot(*zip(*pts), style, marker="o", color=colours[ph], mfc="none" if mode == "reference" else colours[ph],
+                        lw=2.5 if ph == "total" else 1.3)
         env, c = doc.get("environment", {}), doc.get("conditions", {})
-        ax.set(xscale="log", yscale="log", xlabel="edits", ylabel="seconds",
-               title=f"{c.get('model')}{' tiny' if c.get('tiny') else ''}, {c.get('dtype')}, {env.get('device', '')}")
+        ax.set(xscale="log", yscale="log", xlabel="edits", ylabel="seconds")
+        ticks = sorted({r["edits"] for r in doc["runs"] if r.get("total_s")})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{c.get('model')}{' (tiny)' if c.get('tiny') else ''}, {c.get('dtype')}, {env.get('device', '')}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    for ax in list(axes.flat)[len(docs):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=colours[p], lw=2.5 if p == "total" else 1.5, label=p) for p in PHASES + ["total"] if p in shown]
+    handles += [Line2D([], [], color="k", ls="-", marker="o", label="fast (measured)"),
+                Line2D([], [], color="k", ls="--", marker="o", mfc="none", label="reference (extrapolated from a subset)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / (4.4 * rows + 0.8) + 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:

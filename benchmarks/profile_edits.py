@@ -77,8 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--torch-profile", default=None, metavar="DIR", help="torch.profiler trace (gzip) and op table of one small fast run")
     parser.add_argument("--torch-profile-edits", type=int, default=8)
+    parser.add_argument("--torch-profile-steps", type=int, default=5, help="z steps in the traced run (keeps the trace small)")
     parser.add_argument("--nvtx", action="store_true", help="NVTX ranges per phase (for nsys)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-markdown", action="store_true", help="write the JSON only (plot_results.py makes the tables)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -107,7 +109,8 @@ class Profiler:
 
     def save(self):
         self.json_path.write_text(json.dumps(self.doc, indent=1))
-        self.md_path.write_text(markdown([self.doc]))
+        if not self.args.no_markdown:
+            self.md_path.write_text(markdown([self.doc]))
 
     def step(self, name: str, fn, *, predicted: float | None = None, min_left: float = 0.0):
         """Run fn() unless predicted not to fit the budget; record errors and go on; save after."""
@@ -253,7 +256,7 @@ def run(args) -> int:
         prof.doc["wall_s"] = round(time.perf_counter() - prof.t_start, 1)
         prof.save()
         print("\n" + markdown([prof.doc]), flush=True)
-        print(f"[profile] wrote {prof.json_path} and {prof.md_path}", flush=True)
+        print(f"[profile] wrote {prof.json_path}{'' if args.no_markdown else ' and ' + str(prof.md_path)}", flush=True)
     errors = [e for e in prof.doc["events"] if e["status"] == "error"]
     return 2 if interrupted else (1 if errors else 0)
 
@@ -552,8 +555,9 @@ def torch_profile(model, tok, hp, records, stats, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     reqs = synthetic.make_requests(records, args.torch_profile_edits, seed=args.seed + 2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    hp = hp.replace(v_num_grad_steps=min(hp.v_num_grad_steps, args.torch_profile_steps))
     with profile(activities=activities, record_shapes=False) as p:
-        with record_function(f"memit_fast.apply {len(reqs)} edits"):
+        with record_function(f"memit_fast.apply {len(reqs)} edits, {hp.v_num_grad_steps} z steps"):
             _, orig = memit_fast.apply(model, tok, reqs, hp, stats=stats, context_templates=synthetic.TEMPLATES,
                                        progress=False, return_orig_weights=True)
         sync()
@@ -565,7 +569,10 @@ def torch_profile(model, tok, hp, records, stats, args) -> None:
         shutil.copyfileobj(f_in, f_out)
     raw.unlink()
     sort = "cuda_time_total" if CUDA else "cpu_time_total"
-    (out / f"{name}_ops.txt").write_text(p.key_averages().table(sort_by=sort, row_limit=40))
+    table = p.key_averages().table(sort_by=sort, row_limit=40)
+    print(f"[profile] torch.profiler, {len(reqs)} edits, {hp.v_num_grad_steps} z steps, top ops by {sort}:\n{table}", flush=True)
+    if not args.no_markdown:
+        (out / f"{name}_ops.txt").write_text(table)
 
 
 def main(argv=None) -> int:
