@@ -147,7 +147,7 @@ def plot(docs: list[dict], path) -> None:
                         lw=2.5 if ph == "total" else 1.3)
         env, c = doc.get("environment", {}), doc.get("conditions", {})
         ax.set(xscale="log", yscale="log", xlabel="edits", ylabel="seconds")
-        ticks = sorted({r["edits"] for r in doc["runs"] if r.get("total_s")})
+        ticks = sorted({r["edits"] for r in doc["runs"] if r.get("total_s") and (r["mode"] == "fast" or not r.get("measured", True))})
         ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{c.get('model')}{' (tiny)' if c.get('tiny') else ''}, {c.get('dtype')}, {env.get('device', '')}", fontsize=9)

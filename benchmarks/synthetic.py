@@ -209,7 +209,7 @@ def synthetic_stats(model, hparams, seed: int = 0) -> dict:
     X (M = 2 d_ff, d_ff) standard normal in float32 on the model's device, s_l the mean k^2 of
     the layer's keys (`key_scales`), so lambda*C and K K^T compare as with real statistics.
     float32, (d_ff, d_ff), as compute_stats returns them; the spectrum is well conditioned."""
-    from memit_fast.model_access import in_features, get_module, model_device
+    from memit_fast.model_access import get_module, in_features, model_device
     from memit_fast.stats import LayerStats
 
     device = model_device(model)

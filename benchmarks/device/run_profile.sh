@@ -59,7 +59,7 @@ stage() {  # stage NAME LIMIT ARGS...: profile_edits with a time limit and a bud
 
 for s in $STAGES; do
   case $s in
-    gptj) stage gptj 450 --model gpt-j-6b --edits "$GPTJ_EDITS" --reference-subset "$REF" --torch-profile "$OUT" ;;
+    gptj) stage gptj 480 --model gpt-j-6b --edits "$GPTJ_EDITS" --reference-subset "$REF" --torch-profile "$OUT" ;;
     stats) stage stats 120 --model gpt-j-6b --edits none --reference-subset 0 --stats --tag stats ;;
     gpt2xl) stage gpt2xl 100 --model gpt2-xl --edits "${MEMIT_FAST_PROFILE_OTHER_EDITS:-100,1000}" --reference-subset $((REF > 16 ? 16 : REF)) --reference-keys-requests 500 ;;
     llama) stage llama 130 --model llama-3-8b --edits "${MEMIT_FAST_PROFILE_OTHER_EDITS:-100,1000}" --reference-subset $((REF > 16 ? 16 : REF)) --reference-keys-requests 500 ;;
