@@ -1,7 +1,7 @@
 """`pytest benchmarks/` collects the bench_*.py files (pytest's default pattern is test_*.py).
 
-Without CUDA, Triton runs in its interpreter: TRITON_INTERPRET is set before any benchmark
-module imports triton. Every test starts seeded.
+Without CUDA, Triton runs in its interpreter (TRITON_INTERPRET is set before any benchmark
+module imports triton) and torch uses one thread. Every test starts seeded.
 """
 
 import os
@@ -11,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # CPU smoke runs are tiny: one thread, so a shared, busy machine does not spin OpenMP workers
+    torch.set_num_threads(1)
 
 
 def pytest_collect_file(file_path, parent):

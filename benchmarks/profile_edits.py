@@ -265,6 +265,8 @@ def _profile(prof: Profiler, args) -> None:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if CUDA else "cpu"))
+    if device.type == "cpu" and args.tiny:
+        torch.set_num_threads(1)  # a CPU check on a shared machine: no spinning OpenMP workers
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
     records = synthetic.load_records(args.data, fallback_ok=args.tiny)
