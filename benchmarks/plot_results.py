@@ -50,13 +50,14 @@ def markdown(docs: list[dict]) -> str:
         out.append(f"### {c.get('model', '?')}{' (tiny config)' if c.get('tiny') else ''}: {env.get('device', '?')}, "
                    f"{c.get('dtype', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, commit {str(env.get('commit', '?'))[:10]}")
         out.append("")
-        if c:
-            out.append(f"Random weights; layers {hp.get('layers')}, {hp.get('v_num_grad_steps')} z steps for every request (no early stop: "
+        runs = [r for r in doc.get("runs", []) if r.get("phases")]
+        if c and runs:
+            chunk = c.get("chunk_tokens")
+            out.append(f"{'z chunks capped at ' + str(chunk) + ' suffix tokens. ' if isinstance(chunk, int) else ''}Random weights; layers {hp.get('layers')}, {hp.get('v_num_grad_steps')} z steps for every request (no early stop: "
                        f"random weights), lambda {hp.get('mom2_update_weight')}; statistics cached (synthetic C, {c.get('stats_gib', '?')} GiB); "
                        f"model {c.get('model_gib', '?')} GiB; request lengths {c.get('request_lengths', {})}; templates: 6 fixed "
                        f"(sampling timed on its own: {_s(c.get('templates_sampling_s'))}).")
             out.append("")
-        runs = [r for r in doc.get("runs", []) if r.get("phases")]
         if runs:
             out.append("| mode | edits | " + " | ".join(PHASES) + " | total | edits/s | peak GiB |")
             out.append("|---|---:|" + "---:|" * (len(PHASES) + 3))

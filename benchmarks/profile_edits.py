@@ -333,8 +333,10 @@ def _profile(prof: Profiler, args) -> None:
                                      "phases": partial.get("phases", {}), "memory": memory_now(), "z_flop_model": flops})
             raise
         r["z_flop_model"] = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in flops.items()}
-        if r["phases"].get("z", {}).get("seconds"):
-            r["z_tflops"] = round(flops["flops"] / r["phases"]["z"]["seconds"] / 1e12, 2)
+        z_s = r["phases"].get("z", {}).get("seconds")
+        if z_s:
+            r["z_tflops"] = round(flops["flops"] / z_s / 1e12, 2)
+            r["z_tflops_without_tokenise_est"] = round(flops["flops"] / max(z_s - flops["tokenise_in_z_s_est"], 1e-9) / 1e12, 2)
         r["request_lengths"] = synthetic.request_lengths(tok, reqs)
         prof.doc["runs"].append(r)
         fast_runs[n] = r
