@@ -62,7 +62,7 @@ stage() {  # stage NAME LIMIT ARGS...: profile_edits with a time limit and a bud
 for s in $STAGES; do
   case $s in
     gptj) stage gptj 480 --model gpt-j-6b --edits "$GPTJ_EDITS" --reference-subset "$REF" --torch-profile "$OUT" ;;
-    gptj_mem) stage gptj_mem 90 --model gpt-j-6b --edits "${MEMIT_FAST_PROFILE_MEM_EDITS:-1000}" --reference-subset 0 --chunk-tokens 2048 --tag chunk2048 ;;
+    gptj_mem) stage gptj_mem 110 --model gpt-j-6b --edits "${MEMIT_FAST_PROFILE_MEM_EDITS:-1000}" --reference-subset 0 --chunk-tokens 2048 --tag chunk2048 ;;
     stats) stage stats 120 --model gpt-j-6b --edits none --reference-subset 0 --stats --tag stats ;;
     gpt2xl) stage gpt2xl 100 --model gpt2-xl --edits "${MEMIT_FAST_PROFILE_OTHER_EDITS:-100,1000}" --reference-subset $((REF > 16 ? 16 : REF)) --reference-keys-requests 500 ;;
     llama) stage llama 130 --model llama-3-8b --edits "${MEMIT_FAST_PROFILE_OTHER_EDITS:-100,1000}" --reference-subset $((REF > 16 ? 16 : REF)) --reference-keys-requests 500 ;;
