@@ -1,4 +1,7 @@
-"""The `memit-fast` command: demo, stats, edit, eval, info."""
+"""The `memit-fast` command: demo, stats, edit, eval, info.
+
+Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
@@ -174,6 +177,12 @@ def main(argv=None) -> int:
     p.add_argument("--save", choices=["deltas", "model"], default="deltas")
     p.add_argument("--mode", choices=["fast", "reference"], default="fast")
     p.set_defaults(func=cmd_edit)
+
+    from .eval import cli as eval_cli
+
+    p = sub.add_parser("eval", help="edit the first N CounterFact or zsRE records and report the metrics before and after")
+    eval_cli.add_arguments(p)
+    p.set_defaults(func=eval_cli.run)
 
     p = sub.add_parser("info", help="versions, device, native module status")
     p.set_defaults(func=cmd_info)
