@@ -31,6 +31,8 @@ from bench_kernels import INFO  # noqa: E402 - device, torch / triton versions, 
 
 from memit_fast.edit_requests import normalize_requests  # noqa: E402
 from memit_fast.keys import compute_keys_and_values, key_rows  # noqa: E402
+from memit_fast.templates import flatten  # noqa: E402
+from memit_fast.tokens import encode_requests  # noqa: E402
 from memit_fast.presets import for_model  # noqa: E402
 from memit_fast.reference import reference_keys_and_values, reference_z  # noqa: E402
 from memit_fast.stats import compute_stats  # noqa: E402
@@ -92,7 +94,8 @@ def test_z(benchmark, setup, provider):
     raw = synthetic.make_requests(setup.records, n)
     reqs = normalize_requests(raw)
     if provider == "memit_fast":
-        fn = lambda: compute_targets(setup.model, setup.tok, reqs, setup.hp, synthetic.TEMPLATES, progress=False)  # noqa: E731
+        enc = encode_requests(setup.tok, reqs, flatten(synthetic.TEMPLATES), setup.hp.fact_token)
+        fn = lambda: compute_targets(setup.model, setup.tok, enc, setup.hp, progress=False)  # noqa: E731
     else:
         fn = lambda: [reference_z(setup.model, setup.tok, r, setup.hp, synthetic.TEMPLATES) for r in reqs]  # noqa: E731
     work = synthetic.z_work(setup.model, setup.tok, raw, setup.hp, synthetic.TEMPLATES)
@@ -108,10 +111,10 @@ def test_key_capture(benchmark, setup, provider):
     n = SIZES["keys_fast"] if provider == "memit_fast" else SIZES["keys_ref"]
     reqs = normalize_requests(synthetic.make_requests(setup.records, n))
     layer = setup.hp.layers[0]
-    rows = key_rows(setup.tok, reqs, synthetic.TEMPLATES, setup.hp.fact_token)
+    rows = key_rows(encode_requests(setup.tok, reqs, flatten(synthetic.TEMPLATES), setup.hp.fact_token))
     if provider == "memit_fast":
         def fn():
-            r = key_rows(setup.tok, reqs, synthetic.TEMPLATES, setup.hp.fact_token)
+            r = key_rows(encode_requests(setup.tok, reqs, flatten(synthetic.TEMPLATES), setup.hp.fact_token))
             return compute_keys_and_values(setup.model, setup.tok, r, n, setup.hp, layer, synthetic.TEMPLATES)
     else:
         fn = lambda: reference_keys_and_values(setup.model, setup.tok, reqs, setup.hp, layer, synthetic.TEMPLATES)  # noqa: E731

@@ -216,26 +216,11 @@ def run_apply(model, tok, requests, hp, stats, *, mode: str, args, templates_s: 
 
 
 def z_flops(model, tok, requests, hp, n: int) -> dict:
-    """The z FLOP model (synthetic.z_work) on a sample of the requests, scaled to n; also the CPU
-    time of the tokenisation inside the z phase (build_rows) and after it (key_rows), estimated
-    on the same sample, since the phase timer counts it as z and "other"."""
-    from memit_fast.edit_requests import normalize_requests
-    from memit_fast.keys import key_rows
-    from memit_fast.targets import build_rows
-    from memit_fast.templates import flatten
-
+    """The z FLOP model (synthetic.z_work) on a sample of the requests, scaled to n."""
     sample = requests[:: max(1, len(requests) // 300)]
     w = synthetic.z_work(model, tok, sample, hp, synthetic.TEMPLATES)
     scale = n / len(sample)
-    reqs = normalize_requests(sample)
-    t0 = time.perf_counter()
-    for r in reqs:
-        build_rows(tok, r, flatten(synthetic.TEMPLATES), hp.fact_token)
-    t1 = time.perf_counter()
-    key_rows(tok, reqs, synthetic.TEMPLATES, hp.fact_token)
-    t2 = time.perf_counter()
-    return {"flops": w.flops * scale, "suffix_tokens_per_step": round(w.suffix_tokens * scale), "head_positions_per_step": round(w.head_positions * scale),
-            "tokenise_in_z_s_est": round((t1 - t0) * scale, 2), "tokenise_key_rows_s_est": round((t2 - t1) * scale, 2)}
+    return {"flops": w.flops * scale, "suffix_tokens_per_step": round(w.suffix_tokens * scale), "head_positions_per_step": round(w.head_positions * scale)}
 
 
 # ---- the profile ----
@@ -336,7 +321,6 @@ def _profile(prof: Profiler, args) -> None:
         z_s = r["phases"].get("z", {}).get("seconds")
         if z_s:
             r["z_tflops"] = round(flops["flops"] / z_s / 1e12, 2)
-            r["z_tflops_without_tokenise_est"] = round(flops["flops"] / max(z_s - flops["tokenise_in_z_s_est"], 1e-9) / 1e12, 2)
         r["request_lengths"] = synthetic.request_lengths(tok, reqs)
         prof.doc["runs"].append(r)
         fast_runs[n] = r

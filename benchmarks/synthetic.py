@@ -283,12 +283,13 @@ def z_work(model, tok, requests, hparams, templates, steps: int | None = None) -
     from memit_fast.model_access import hidden_size
     from memit_fast.targets import build_rows
     from memit_fast.templates import flatten
+    from memit_fast.tokens import encode_requests
 
     steps = steps or hparams.v_num_grad_steps
     flat = flatten(templates)
     suffix = head = 0
-    for r in normalize_requests(requests):
-        rows = build_rows(tok, r, flat, hparams.fact_token)
+    for enc in encode_requests(tok, normalize_requests(requests), flat, hparams.fact_token):
+        rows = build_rows(enc)
         suffix += sum(len(ids) - s for ids, s in zip(rows.ids, rows.lookup))
         head += len(flat) * len(rows.target) + 1
     layers = hparams.v_loss_layer - hparams.layers[-1]

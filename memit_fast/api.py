@@ -16,8 +16,8 @@ from .profiling import NO_TIMER
 from .reference import reference_edit
 from .stats import LayerStats, check_stats, compute_stats
 from .targets import compute_targets
-from .templates import generate_context_templates, normalize_templates
-from .tokens import encode_prompt, encode_target
+from .templates import flatten, generate_context_templates, normalize_templates
+from .tokens import encode_requests
 from .update import apply_update
 
 MODES = ("fast", "reference")
@@ -62,14 +62,12 @@ def apply(
     if copy:
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
-    for r in reqs:  # tokenisation errors (subject not in the prompt's tokens) before any work
-        encode_prompt(tok, r.before, r.subject, r.after, hparams.fact_token)
-        encode_target(tok, r.target)
-
     timer = timer or NO_TIMER
     with _eval_no_param_grads(model):
         with timer("templates"):
             templates = normalize_templates(context_templates or generate_context_templates(model, tok, seed=seed))
+        with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
+            encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
         with timer("statistics"):
             covs = _covariances(model, tok, hparams, stats, corpus, cache_dir, seed, progress, mode)
         orig = {w.name: w.param.detach().to("cpu", copy=True) for w in weights}
@@ -78,8 +76,8 @@ def apply(
                 reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=progress, timer=timer)
             else:
                 with timer("z"):
-                    z = compute_targets(model, tok, reqs, hparams, templates, chunk_tokens=chunk_tokens, progress=progress)
-                apply_update(model, tok, reqs, hparams, z, templates, covs, weights, solve_method=solve_method, progress=progress, timer=timer)
+                    z = compute_targets(model, tok, encoded, hparams, chunk_tokens=chunk_tokens, progress=progress)
+                apply_update(model, tok, encoded, hparams, z, templates, covs, weights, solve_method=solve_method, progress=progress, timer=timer)
         except BaseException:
             restore(model, orig)
             raise

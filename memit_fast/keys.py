@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from .edit_requests import EditRequest
 from .hparams import MEMITHyperParams
 from .kernels.capture import gather_rows
 from .model_access import StopForward, block_output, float_dtype, get_module, hidden_size, hooks, in_features, model_device, run_until_stop
-from .templates import flatten, group_index
-from .tokens import encode_prompt, length_batches, pad_id, pad_right
+from .templates import group_index
+from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
 
-def key_rows(tok, requests: list[EditRequest], templates: list[list[str]], fact_token: str) -> list[list[int]]:
+def key_rows(requests: list[EncodedRequest]) -> list[list[int]]:
     """Per request and template (request-major), the prompt's ids cut after the lookup token."""
-    rows = []
-    for r in requests:
-        for template in flatten(templates):
-            t_before, t_after = template.split("{}")
-            enc = encode_prompt(tok, t_before + r.before, r.subject, r.after + t_after, fact_token)
-            rows.append(enc.ids[: enc.lookup + 1])
-    return rows
+    return [p.ids[: p.lookup + 1] for r in requests for p in r.prompts]
 
 
 @torch.no_grad()

@@ -15,13 +15,13 @@ sum of the per-request losses, so the z are those of one-at-a-time optimisation 
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .edit_requests import EditRequest
 from .hparams import MEMITHyperParams
 from .model_access import (
     StopForward,
@@ -34,8 +34,7 @@ from .model_access import (
     run_until_stop,
     with_block_output,
 )
-from .templates import flatten
-from .tokens import encode_prompt, encode_target, pad_id, pad_right
+from .tokens import EncodedRequest, pad_id, pad_right
 
 STOP_LOSS = 5e-2  # the original's early-stop threshold
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the original uses
@@ -51,19 +50,15 @@ class RequestRows:
     target_start: list[int]  # per rewriting row: position whose logits predict target[0]
 
 
-def build_rows(tok, request: EditRequest, templates: list[str], fact_token: str) -> RequestRows:
-    target = encode_target(tok, request.target)
+def build_rows(enc: EncodedRequest) -> RequestRows:
     ids, lookup, starts = [], [], []
-    for template in templates:
-        t_before, t_after = template.split("{}")
-        enc = encode_prompt(tok, t_before + request.before, request.subject, request.after + t_after, fact_token)
-        ids.append(enc.ids + target[:-1])
-        lookup.append(enc.lookup)
-        starts.append(len(enc.ids) - 1)
-    kl = encode_prompt(tok, "", request.subject, " is a", fact_token)
-    ids.append(kl.ids[: kl.lookup + 1])
-    lookup.append(kl.lookup)
-    return RequestRows(ids, lookup, target, starts)
+    for p in enc.prompts:
+        ids.append(p.ids + enc.target[:-1])
+        lookup.append(p.lookup)
+        starts.append(len(p.ids) - 1)
+    ids.append(enc.kl.ids[: enc.kl.lookup + 1])
+    lookup.append(enc.kl.lookup)
+    return RequestRows(ids, lookup, enc.target, starts)
 
 
 @dataclass
@@ -153,16 +148,15 @@ class _Injected:
 def compute_targets(
     model,
     tok,
-    requests: list[EditRequest],
+    requests: list[EncodedRequest],
     hparams: MEMITHyperParams,
-    templates: list[list[str]],
     *,
     chunk_tokens: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one row per request."""
-    flat = flatten(templates)
-    rows = [build_rows(tok, r, flat, hparams.fact_token) for r in requests]
+    """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one
+    row per request (encoded with `tokens.encode_requests`)."""
+    rows = [build_rows(r) for r in requests]
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
     order = sorted(range(len(rows)), key=lambda i: max(len(ids) - s for ids, s in zip(rows[i].ids, rows[i].lookup)))
@@ -190,7 +184,11 @@ def _d_model(model) -> int:
 
 
 def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
-    """Suffix tokens per chunk: a memory estimate of the activations kept for the backward pass."""
+    """Suffix tokens per chunk ($MEMIT_FAST_Z_CHUNK_TOKENS, else from a memory estimate): per suffix
+    token, the activations kept for the backward pass of blocks L+1..v_loss_layer, the target
+    logits, and the prefix cache of those blocks (about 3 prefix tokens per suffix token)."""
+    if os.environ.get("MEMIT_FAST_Z_CHUNK_TOKENS"):
+        return int(os.environ["MEMIT_FAST_Z_CHUNK_TOKENS"])
     device = model_device(model)
     if device.type != "cuda":
         return 4096
@@ -199,9 +197,9 @@ def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     elem = next(model.parameters()).element_size()
     layers_run = max(hparams.v_loss_layer - hparams.layers[-1], 1)
-    per_token = layers_run * (10 * d + 4 * d_ff) * elem + 4 * config.vocab_size
+    per_token = layers_run * (10 * d + 4 * d_ff + 3 * 2 * d) * elem + 8 * config.vocab_size
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1024, min(0.35 * free / per_token, 1 << 17)))
+    return int(max(1024, min(0.3 * free, 24 * 2**30) / per_token))
 
 
 def _optimise_chunk(model, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar) -> torch.Tensor:

@@ -28,15 +28,17 @@ def encode_target(tok, target: str) -> list[int]:
     return list(ids)
 
 
-def _subject_token_range(tok, text: str, start: int, end: int) -> tuple[list[int], int, int]:
-    """(ids, first, last): the tokens of `text` that cover characters [start, end)."""
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-        if not covering:
-            raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
-        return ids, covering[0], covering[-1]
+def _covering(text: str, ids, offsets, start: int, end: int) -> tuple[list[int], int, int]:
+    """(ids, first, last): the tokens whose character offsets cover [start, end)."""
+    covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not covering:
+        raise RequestError(f"subject {text[start:end]!r} is not in the tokens of {text!r}")
+    return list(ids), covering[0], covering[-1]
+
+
+def _incremental(tok, text: str, start: int, end: int) -> tuple[list[int], int, int]:
+    """(ids, first, last) without offsets: compare the encodings of the text up to the subject's
+    start and end with the whole text's."""
     ids = list(tok(text)["input_ids"])
     first = _common_prefix(tok(text[:start])["input_ids"], ids)
     through = tok(text[:end])["input_ids"]
@@ -56,11 +58,50 @@ def _common_prefix(a, b) -> int:
 
 def encode_prompt(tok, before: str, subject: str, after: str, fact_token: str = "subject_last") -> EncodedPrompt:
     """Encode before + subject + after; `lookup` per fact_token: subject_last, subject_first or last."""
-    text = before + subject + after
-    start, end = len(before), len(before) + len(subject)
-    ids, first, last = _subject_token_range(tok, text, start, end)
-    lookup = {"subject_last": last, "subject_first": first, "last": len(ids) - 1}[fact_token]
-    return EncodedPrompt(ids, lookup)
+    return encode_prompts(tok, [(before, subject, after)], fact_token)[0]
+
+
+def encode_prompts(tok, parts: list[tuple[str, str, str]], fact_token: str = "subject_last") -> list[EncodedPrompt]:
+    """encode_prompt for many (before, subject, after) at once: one batched call of a fast tokenizer."""
+    texts = [b + s + a for b, s, a in parts]
+    spans = [(len(b), len(b) + len(s)) for b, s, _ in parts]
+    if getattr(tok, "is_fast", False):
+        enc = tok(texts, return_offsets_mapping=True)
+        ranges = [_covering(text, ids, offsets, start, end) for text, ids, offsets, (start, end) in zip(texts, enc["input_ids"], enc["offset_mapping"], spans)]
+    else:
+        ranges = [_incremental(tok, text, start, end) for text, (start, end) in zip(texts, spans)]
+    out = []
+    for ids, first, last in ranges:
+        lookup = {"subject_last": last, "subject_first": first, "last": len(ids) - 1}[fact_token]
+        out.append(EncodedPrompt(list(ids), lookup))
+    return out
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """A request's prompts, encoded once: one per context template (flattened), the KL prompt
+    "{subject} is a", and the target's token ids."""
+
+    prompts: list[EncodedPrompt]
+    kl: EncodedPrompt
+    target: list[int]
+
+
+def encode_requests(tok, requests, templates: list[str], fact_token: str) -> list[EncodedRequest]:
+    """Every prompt of every request in one batched tokenizer call; raises RequestError for a
+    subject that is not in its prompt's tokens or an empty target."""
+    parts = []
+    for r in requests:
+        for template in templates:
+            t_before, t_after = template.split("{}")
+            parts.append((t_before + r.before, r.subject, r.after + t_after))
+        parts.append(("", r.subject, " is a"))
+    encoded = encode_prompts(tok, parts, fact_token)
+    n = len(templates) + 1
+    return [
+        EncodedRequest(encoded[i * n : i * n + n - 1], encoded[i * n + n - 1], encode_target(tok, r.target))
+        for i, r in enumerate(requests)
+    ]
 
 
 def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,8 +44,9 @@ def apply_update(
     progress: bool = True,
     timer=NO_TIMER,
 ) -> dict[str, torch.Tensor]:
-    """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}."""
-    rows = key_rows(tok, requests, templates, hparams.fact_token)
+    """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
+    requests: encoded with `tokens.encode_requests`."""
+    rows = key_rows(requests)
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
         with timer("keys and values"):

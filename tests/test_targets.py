@@ -6,9 +6,15 @@ import torch
 from memit_fast import targets
 from memit_fast.edit_requests import normalize_requests
 from memit_fast.reference import reference_z
-from memit_fast.targets import compute_targets
+from memit_fast.targets import compute_targets as _compute_targets
+from memit_fast.templates import flatten
+from memit_fast.tokens import encode_requests
 
 import tiny
+
+
+def compute_targets(m, tok, reqs, hp, templates, **kw):
+    return _compute_targets(m, tok, encode_requests(tok, reqs, flatten(templates), hp.fact_token), hp, **kw)
 
 
 def _rel(a, b):
@@ -62,9 +68,8 @@ def test_early_stop_per_request(monkeypatch):
 def _step0_loss(m, tok, request, hp):
     """The loss of the first step (delta = 0): NLL + KL (0) + decay (0)."""
     from memit_fast.targets import build_rows
-    from memit_fast.templates import flatten
 
-    rows = build_rows(tok, request, flatten(tiny.TEMPLATES), hp.fact_token)
+    rows = build_rows(encode_requests(tok, [request], flatten(tiny.TEMPLATES), hp.fact_token)[0])
     nll = []
     with torch.no_grad():
         for ids, start in zip(rows.ids, rows.target_start):
