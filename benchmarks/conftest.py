@@ -11,8 +11,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # CPU smoke runs are tiny: one thread, so a shared, busy machine does not spin OpenMP workers
-    torch.set_num_threads(1)
 
 
 def pytest_collect_file(file_path, parent):
@@ -23,5 +21,12 @@ def pytest_collect_file(file_path, parent):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Seeded; on CPU one thread (the smoke runs are tiny), restored after the benchmark so a
+    session that also runs tests/ keeps its threads."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -54,16 +54,18 @@ def _hparams(args, model):
     return hp
 
 
-def _top(model, tok, prompt: str, k: int = 1) -> list[tuple[str, float]]:
+def _next_token(model, tok, prompt: str, target: str) -> tuple[str, float, float]:
+    """(top-1 next token, its probability, probability of the first token of " " + target)."""
     import torch
 
     from .model_access import model_device
+    from .tokens import encode_target
 
     with torch.no_grad():
         ids = tok(prompt, return_tensors="pt")["input_ids"].to(model_device(model))
         probs = model(input_ids=ids).logits[0, -1].float().softmax(-1)
-    p, i = probs.topk(k)
-    return [(tok.decode(int(t)), float(q)) for t, q in zip(i, p)]
+    p, i = probs.max(-1)
+    return tok.decode(int(i)), float(p), float(probs[encode_target(tok, " " + target)[0]])
 
 
 def cmd_demo(args) -> int:
@@ -71,21 +73,21 @@ def cmd_demo(args) -> int:
 
     model, tok = _load_model(args)
     hp = _hparams(args, model)
-    facts = DEMO_FACTS
-    rows = []
+    facts, rows = DEMO_FACTS, []
     for fact in facts:
         req = fact["request"]
+        target = req["target_new"]["str"]
         for kind, prompt in (("prompt", req["prompt"].replace("{}", req["subject"])), ("paraphrase", fact["paraphrase"]), ("neighbour", fact["neighbour"])):
-            rows.append((req["target_new"]["str"], kind, prompt, _top(model, tok, prompt)[0]))
+            rows.append((target, kind, prompt, _next_token(model, tok, prompt, target)))
     start = time.perf_counter()
     _, orig = apply(model, tok, [f["request"] for f in facts], hp, corpus=args.corpus, return_orig_weights=True, progress=not args.quiet)
     seconds = time.perf_counter() - start
     print(f"\nEdited {len(facts)} facts into {model.config.model_type} layers {hp.layers} in {seconds:.1f} s "
           f"(statistics included when not cached).\n")
-    print(f"{'new target':12s} {'prompt kind':11s} {'before':>18s} {'after':>18s}  prompt")
-    for target, kind, prompt, (before, p_before) in rows:
-        after, p_after = _top(model, tok, prompt)[0]
-        print(f"{target:12s} {kind:11s} {before!r:>11s} {p_before:5.2f} {after!r:>11s} {p_after:5.2f}  {prompt}")
+    print(f"{'new target':11s} {'prompt kind':11s} {'top-1 before':>19s} {'top-1 after':>19s} {'P(new) before -> after':>23s}  prompt")
+    for target, kind, prompt, (before, p_before, new_before) in rows:
+        after, p_after, new_after = _next_token(model, tok, prompt, target)
+        print(f"{target:11s} {kind:11s} {before!r:>13s} {p_before:5.2f} {after!r:>13s} {p_after:5.2f} {new_before:10.3f} -> {new_after:5.3f}  {prompt}")
     if args.restore:
         restore(model, orig)
     return 0

@@ -86,7 +86,7 @@ _STARTS = ("The", "In", "A", "It", "He", "She", "This", "On", "After", "During",
 
 
 @torch.no_grad()
-def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[str]:
+def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[str]:
     """n documents of `length` tokens sampled from the model (temperature 1, top-k 50), seeded."""
     from tqdm.auto import tqdm
 

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--edit-batch", type=int, default=None, metavar="E", help="edit in batches of E (default: all N)")
     a("--sequential", action="store_true", help="apply the edit batches one after another, then evaluate")
     a("--no-edit", action="store_true", help="evaluate the unedited model only")
-    a("--corpus", default=None, help="statistics corpus passed to memit_fast.apply (text file)")
+    a("--hparams", default=None, metavar="JSON", help="MEMIT hyper-parameters in the original format (default: the model's preset)")
+    a("--n-samples", type=int, default=None, help="statistics documents (default: the hyper-parameters' mom2_n_samples)")
+    a("--corpus", default=None, help="statistics corpus passed to memit_fast.apply (text file, or 'model')")
     a("--cache-dir", default=None, help="statistics cache directory passed to memit_fast.apply")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as loaded)")
@@ -113,6 +115,11 @@ def run(args) -> int:
     model, tok = load_model(args.model, args.model_gguf, args.device, args.dtype)
     load_at_start = os.getloadavg()[0]
     opts = {k: v for k, v in (("corpus", args.corpus), ("cache_dir", args.cache_dir)) if v is not None}
+    from memit_fast import MEMITHyperParams, presets
+
+    hparams = MEMITHyperParams.from_json(args.hparams) if args.hparams else presets.for_model(model)
+    if args.n_samples:
+        hparams = hparams.replace(mom2_n_samples=args.n_samples)
     result = run_evaluation(
         model,
         tok,
@@ -125,9 +132,13 @@ def run(args) -> int:
         fluency=not args.no_fluency,
         gen_length=args.gen_length,
         seed=args.seed,
+        hparams=hparams,
         apply_options=opts | {"seed": args.seed},
     )
-    result["meta"] = _meta(args, model, result["kind"], load_at_start)
+    result["meta"] = _meta(args, model, result["kind"], load_at_start) | {
+        "statistics_corpus": args.corpus or hparams.mom2_dataset,
+        "hparams": hparams.to_dict(),
+    }
     text = markdown_report(result)
     print(text)
     if args.out:
