@@ -87,18 +87,20 @@ _STARTS = ("The", "In", "A", "It", "He", "She", "This", "On", "After", "During",
 
 @torch.no_grad()
 def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[str]:
-    """n documents of `length` tokens sampled from the model (temperature 1, top-k 50), seeded."""
+    """n documents of `length` tokens sampled from the model (temperature 1, top-k 50); document i
+    is seeded with (seed, i), so the batch size does not change the text."""
     from tqdm.auto import tqdm
 
     from .model_access import model_device
 
     device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     bar = tqdm(total=n, desc="sampling corpus from the model", disable=not progress, unit="doc")
     while len(texts) < n:
         b = min(batch_size, n - len(texts))
-        starts = [_STARTS[i % len(_STARTS)] for i in range(len(texts), len(texts) + b)]
+        docs = range(len(texts), len(texts) + b)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in docs]  # per document: batching does not matter
+        starts = [_STARTS[i % len(_STARTS)] for i in docs]
         ids = [tok(s)["input_ids"] for s in starts]
         width = max(map(len, ids))
         # Left-pad the (one or two token) starts so every row continues at the same column.
@@ -111,7 +113,8 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
             past = res.past_key_values
             probs = res.logits[:, -1].float().softmax(-1)
             top_p, top_i = probs.topk(50, dim=-1)
-            pick = torch.multinomial(top_p.cpu(), 1, generator=gen).to(device)
+            top_p = top_p.cpu()
+            pick = torch.stack([torch.multinomial(top_p[r], 1, generator=g) for r, g in enumerate(gens)]).to(device)
             cur = top_i.gather(-1, pick)
             out.append(cur)
             mask = torch.cat([mask, torch.ones_like(cur)], dim=1)
