@@ -107,7 +107,7 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
         input_ids = torch.tensor([[ids[0][0]] * (width - len(r)) + r for r in ids], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
         past, cur, out = None, input_ids, [input_ids]
-        for _ in range(length - width):
+        for _ in range(length - min(map(len, ids))):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1] :]
             res = model(input_ids=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
             past = res.past_key_values
@@ -120,7 +120,7 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
             mask = torch.cat([mask, torch.ones_like(cur)], dim=1)
         rows = torch.cat(out, dim=1)
         for r, m in zip(rows, mask):
-            texts.append(tok.decode(r[m.bool()], skip_special_tokens=True).strip())
+            texts.append(tok.decode(r[m.bool()][:length], skip_special_tokens=True).strip())
         bar.update(b)
     bar.close()
     return texts

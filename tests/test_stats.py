@@ -123,8 +123,11 @@ def test_corpus_sources(tmp_path):
     assert c.texts == ["first doc", "second doc"] and c.id.startswith("file-docs.txt-")
     assert load_corpus(["a", "", "b"], 5).texts == ["a", "b"]
     m = tiny.model("llama", dtype=torch.float32)
-    sampled = load_corpus("model", 3, model=m, tok=tiny.tokenizer(), max_length=12, seed=1, progress=False)
-    assert len(sampled.texts) == 3 and sampled.texts == load_corpus("model", 3, model=m, tok=tiny.tokenizer(), max_length=12, seed=1, progress=False).texts
+    sampled = load_corpus("model", 5, model=m, tok=tiny.tokenizer(), max_length=12, seed=1, progress=False)
+    assert len(sampled.texts) == 5 and sampled.texts == load_corpus("model", 5, model=m, tok=tiny.tokenizer(), max_length=12, seed=1, progress=False).texts
+    from memit_fast.corpus import sample_texts
+
+    assert sample_texts(m, tiny.tokenizer(), 5, 12, seed=1, batch_size=2, progress=False) == sampled.texts  # batching-independent
     with pytest.raises(StatsError):
         load_corpus("surely-not-a-dataset-name-xyz", 3)
     with pytest.raises(StatsError, match="no text"):
