@@ -228,7 +228,9 @@ def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.
 class CovarianceAccumulator:
     """Running sum of x x^T and the number of rows, for one layer's keys.
 
-    d: key size; device; dtype: dtype of the keys given to `add` (bf16, fp16 or fp32).
+    d: key size; device (an index-less "cuda" means the current CUDA device; `self.device`
+    is always the indexed one that tensors report); dtype: dtype of the keys given to `add`
+    (bf16, fp16 or fp32).
     backend: "triton" (the kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the twin),
     "auto" (triton on CUDA, else torch). The state is `state()` = (sum (d, d) float64 whose lower
     triangle is valid, count int64): add both across shards to combine them.
@@ -236,12 +238,13 @@ class CovarianceAccumulator:
 
     def __init__(self, d: int, device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto",
                  fold_tokens: int = 2**18, config: TileConfig | None = None, fp32_precision: str = "ieee"):
-        self.d, self.dtype, self.device = d, dtype, torch.device(device or "cpu")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
+        self._sum = torch.zeros(d, d, dtype=torch.float64, device=device or "cpu")
+        # the device of an allocated tensor: an index-less "cuda" becomes the current device (cuda:0)
+        self.d, self.dtype, self.device = d, dtype, self._sum.device
         self.backend = ("triton" if self.device.type == "cuda" else "torch") if backend == "auto" else backend
         self.fold_tokens, self.config, self.fp32_precision = fold_tokens, config, fp32_precision
-        self._sum = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._buf = torch.zeros(d, d, dtype=torch.float32, device=self.device) if self.backend == "triton" else None
         self._pending = 0  # rows (upper bound) in _buf since the last fold
