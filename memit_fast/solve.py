@@ -13,7 +13,8 @@ columns of K R^T when m < n (fewer right-hand sides). Methods:
   (= (lam C)^-1 K (I + K^T (lam C)^-1 K)^-1, MEMIT.md "work a fast implementation may skip" 6).
   2 d^2 n + 3 d n^2 + n^3/3 flops per edit batch, plus d^3/3 if the factor is not given.
 - "dense": torch.linalg.solve(lam C + K K^T, K) in float64 (LU), what the original does; the
-  reference twin. It does not test definiteness.
+  reference twin. It does not test definiteness, and it always computes and returns float64
+  (`dtype` is ignored).
 - "auto": the method with the fewest flops by `solve_flops` (woodbury without a factor
   counts its d^3/3 too); if woodbury was picked without a factor and lam C is not positive
   definite, cholesky. For A, woodbury wins for n < ~0.5 d with a cached factor and for
@@ -79,7 +80,7 @@ def solve_update_keys(
     cov: (d, d) symmetric positive (semi)definite, float32/float64; keys K: (d, n), any float
     dtype, same device; factor: optional (d, d) lower factor of lam*cov from factor_scaled_cov
     with the same lam (checked on its first column). Returns A (d, n), contiguous, in `dtype`
-    (float64 by default, always float64 on CPU; float32 allowed on CUDA).
+    (float64 by default, always float64 on CPU and for method="dense"; float32 allowed on CUDA).
     """
     return _solve(cov, keys, None, lam, method, factor, dtype)
 
@@ -133,9 +134,9 @@ def _solve(cov, keys, resid, lam, method, factor, dtype) -> torch.Tensor:
     m = None if resid is None else resid.shape[0]
     dt = _compute_dtype(cov, dtype)
     chosen = _auto(d, n, factor is not None, m) if method == "auto" else method
-    if chosen == "dense":
+    if chosen == "dense":  # the reference twin: float64 whatever `dtype` asks
         a = solve_update_keys_reference(cov, keys, lam)
-        return (a if resid is None else _check_finite((resid.double() @ a.mT).contiguous(), "R A^T")).to(dt)
+        return a if resid is None else _check_finite((resid.double() @ a.mT).contiguous(), "R A^T")
     if chosen == "cholesky":
         return torch.ops.memit_fast.solve_cholesky(cov, keys, float(lam), dt, resid)
     if factor is None:
@@ -298,7 +299,9 @@ def _woodbury_native(factor, keys, dtype, resid=None) -> torch.Tensor:
             lib.trsm(f64, False, False, False, d, n, 1.0, m.data_ptr(), n, y.data_ptr(), d, **kw)  # Y M^-1
             z = y
         else:
-            w = resid.to(dtype).contiguous()  # row-major (m, n): column-major n x m, R^T
+            # a fresh copy (potrs overwrites it): resid.to(dtype).contiguous() would be resid itself
+            # for a contiguous float32 resid in a float32 solve, and the caller's R would be clobbered
+            w = torch.empty(resid.shape, dtype=dtype, device=keys.device).copy_(resid)  # row-major (m, n): column-major n x m, R^T
             lib.potrs(f64, False, n, w.shape[0], m.data_ptr(), n, w.data_ptr(), n, info[1].data_ptr(), **kw)  # M^-1 R^T
             z = w @ y  # row-major (m, d): column-major d x m, Y M^-1 R^T
         lib.trsm(f64, True, True, False, d, z.shape[0], 1.0, L.data_ptr(), d, z.data_ptr(), d, **kw)  # U^-1 Z

@@ -119,23 +119,36 @@ def test_nan_and_bad_input_fail_clearly():
         solve.factor_scaled_cov(cov.half(), LAM)
 
 
+def _unchanged(fn, *args):
+    """fn(*args), asserting that no tensor argument was written to (the ops declare mutates_args=())."""
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*args)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f"{fn.__name__} overwrote an input of shape {tuple(a.shape)}"
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
-    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py."""
+    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py.
+    Keys and residuals are float32 and contiguous, as on the GPU: in a float32 solve .to(dtype)
+    returns the caller's tensor itself, so an in-place library call on it would clobber it
+    (the woodbury Delta W bug of the first device run: potrs wrote M^-1 R^T into R)."""
     monkeypatch.setattr(native, "lib", lambda: cpu_native)
     monkeypatch.setattr(native, "call_args", lambda t: {"stream": 0, "device": 0})
     tol = TOL[dtype]
-    for d, n in [(1, 1), (33, 5), (70, 90)]:
-        cov, keys = spd_cov(d), torch.randn(d, n) * 3
+    # (d, n, m): tiny; n > d; and m < n < d, the shape of the failing GPU test (2000, 1200, 300) / 10
+    for d, n, m in [(1, 1, 1), (33, 5, 2), (70, 90, 30), (200, 120, 30)]:
+        cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
         ref = truth(cov, keys)
-        assert rel(solve._cholesky_native(cov, keys, LAM, dtype), ref) < tol
-        L = solve._factor_native(torch.stack([cov, cov]), LAM, dtype)
-        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
-        assert rel(solve._woodbury_native(L[0], keys, dtype), ref) < tol
-        resid = torch.randn(max(1, n // 3), n)
         want = resid.double() @ ref.mT
-        assert rel(solve._cholesky_native(cov, keys, LAM, dtype, resid), want) < tol
-        assert rel(solve._woodbury_native(L[0], keys, dtype, resid), want) < tol
+        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype), ref) < tol
+        L = _unchanged(solve._factor_native, torch.stack([cov, cov]), LAM, dtype)
+        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
+        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype), ref) < tol
+        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype, resid), want) < tol
+        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype, resid), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
         solve._factor_native(-spd_cov(5), LAM, dtype)
 
