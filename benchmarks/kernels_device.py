@@ -215,6 +215,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> str:
     return f"{float((x.double() - ref).norm() / ref.norm()):.2e}"
 
 
+FASTEST_POTRF_BLOCK = [None]  # set by solve_components: the POTRF_BLOCK that timed fastest
+
+
 def solve_components(cov, keys, resid, ceil) -> None:
     """One GPT-J layer's pieces: the products three ways, potrf by cuSOLVER and recursively, potrs."""
     from memit_fast.kernels import gram  # noqa: PLC0415
@@ -255,7 +258,7 @@ def solve_components(cov, keys, resid, ceil) -> None:
     g = torch.addmm(cov, keys.double(), keys.double().mT, beta=LAM)
     b = torch.randn(m, d, dtype=torch.float64, device=DEV)
     work = torch.empty_like(g)
-    saved = solve.POTRF_BLOCK
+    saved, best = solve.POTRF_BLOCK, {}
     try:
         for block in (0, 1024, 2048, 4096):
             solve.POTRF_BLOCK = block
@@ -268,8 +271,10 @@ def solve_components(cov, keys, resid, ceil) -> None:
             info = int(factor())
             name = "potrf fp64: one cuSOLVER call" if block == 0 else f"potrf fp64: recursive, cuSOLVER blocks <= {block}"
             record("solve", name, ms, flops=d**3 / 3, ceiling=fp64_peak, provider="memit_fast", info=info, **shape)
+            best[block] = ms
     finally:
         solve.POTRF_BLOCK = saved
+    FASTEST_POTRF_BLOCK[0] = min(best, key=best.get)
     info = torch.zeros(1, dtype=torch.int32, device=DEV)
     rhs = torch.empty_like(b)
 
@@ -310,17 +315,23 @@ def solve_section(ceil: dict, tiny: bool) -> None:
             ("cholesky dW fp64", {"method": "cholesky"}, "cholesky", False),
             ("cholesky dW float32", {"method": "cholesky", "dtype": torch.float32}, "cholesky", False),
         ]
+        fastest = FASTEST_POTRF_BLOCK[0]
+        if fastest is not None and fastest != solve.POTRF_BLOCK:
+            runs.insert(1, (f"auto (= {auto}) dW, POTRF_BLOCK={fastest}", {"potrf_block": fastest}, auto, False))
         for name, kw, counted, factored in runs:
-            if name.startswith("auto + cached") and auto_f == auto and not factored:
-                continue
+            block = kw.pop("potrf_block", solve.POTRF_BLOCK)
             one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
+            saved, solve.POTRF_BLOCK = solve.POTRF_BLOCK, block
             try:
                 err = rel_err(one(0), ref)
                 ms = bench(lambda: [one(i) for i in range(layers)], reps=3, warmup=1)
                 record("solve", f"{name}, {layers} layers", ms, flops=layers * solve.solve_flops(d, n, counted, factored=factored, m=m),
-                       ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=err, native=native.available(), m=m, **shape)
+                       ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=err, native=native.available(), m=m,
+                       potrf_block=block, **shape)
             except Exception as e:  # noqa: BLE001
                 record("solve", f"{name}, {layers} layers", float("nan"), error=repr(e)[:300], **shape)
+            finally:
+                solve.POTRF_BLOCK = saved
         del keys, resid, ref
     # the error on a covariance with a realistic spectrum (4 decades plus a mean), GPT-J size
     del factor

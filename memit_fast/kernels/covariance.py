@@ -143,8 +143,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base and row stride."""
-    return x.shape[0] > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+    """TMA needs a 16-byte aligned base and row stride (and rows of 16 bytes or more here)."""
+    return (x.shape[0] > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+            and x.shape[1] * x.element_size() >= 16)
 
 
 @functools.lru_cache(maxsize=32)
