@@ -24,17 +24,18 @@ columns of K R^T when m < n (fewer right-hand sides). Methods:
 - "auto": the method with the fewest flops by `solve_flops` (woodbury without a factor
   counts its d^3/3 too) among woodbury and cholesky, or woodbury and mixed where mixed runs
   (CUDA, native module, keys not float64, d >= MIXED_MIN_D); if woodbury was picked without a
-  factor and lam C is not positive definite, the other. For GPT-J (d 16384, m 4096) mixed wins
-  from n ~ 3000 edits; for A, woodbury wins for n < ~0.5 d with a cached factor and for
-  n < ~0.3 d without one.
+  factor and lam C is not positive definite, the other. For GPT-J's Delta W (d 16384, m 4096)
+  mixed wins from n ~ 3000 edits (~5750 with a cached factor); for A (fp64), woodbury wins for
+  n < ~0.5 d with a cached factor and for n < ~0.3 d without one.
 
 Precision: float64 by default and always on CPU. float32 (`dtype=torch.float32`, CUDA only)
 has a relative error of about cond(G) * 1.6e-9 (measured on synthetic spectra; cond(lam C) for
-woodbury). mixed: about cond(G) * 1.4e-10 (float32 rounding of K K^T, amplified by G's
-condition), below what the float32 sums of the statistics themselves already carry (about
-cond(G) * 3e-10 for fp32 sums over 2048 tokens; memit_fast folds every 2^18, the original
-never): benchmarks/solve_accuracy.py (CPU emulation) and benchmarks/kernels_device.py (device,
-GPT-J sizes, condition ~20 and a spectrum over 4 decades) measure it against float64.
+woodbury). mixed: about cond(G) * 1e-10 (float32 rounding of K K^T, amplified by G's
+condition; at least ~1e-6, the float32 rounding of K R^T), below what the float32 sums of the
+statistics themselves already carry (cond(G) * 3e-10 to 5e-10 for fp32 sums over 2048 tokens;
+memit_fast folds to float64 every 2^18 tokens, the original never). benchmarks/solve_accuracy.py
+(CPU emulation) and benchmarks/kernels_device.py (device, GPT-J sizes, condition ~20 and a
+spectrum over 4 decades) measure it against float64.
 
 Errors: a matrix that is not positive definite raises NotPositiveDefiniteError (cholesky,
 mixed and woodbury check cuSOLVER's / torch's `info`); NaN or inf in the result raises SolveError.

@@ -15,7 +15,7 @@ def bound(x):
     """Relative error allowed for the lower triangle of X^T X from fp16x3: H + L holds x s to
     2^-23 relative, dropping L^T L costs 2^-22, and fp32 sums over 3N terms cost sqrt(3N) u
     (as in test_kernels_covariance.bound): (sqrt(3N) + 8) u || |X|^T |X| ||_F / ||X^T X||_F."""
-    x = x.double().cpu()
+    x = x.double()
     s, a = (x.mT @ x).tril(), (x.abs().mT @ x.abs()).tril()
     return float(((3 * x.shape[0]) ** 0.5 + 8) * U * a.norm() / s.norm().clamp_min(1e-300))
 
