@@ -212,15 +212,16 @@ def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _raise_not_pd(info: torch.Tensor, what: str) -> None:
-    """info: (b,) int, cuSOLVER/torch convention (i > 0: leading minor of order i not PD)."""
+def _raise_not_pd(info: torch.Tensor, what: str, batch: bool = False) -> None:
+    """info: (b,) int, cuSOLVER/torch convention (i > 0: leading minor of order i not PD; < 0: a
+    bad argument), one entry per matrix of a batch if `batch`, else one per call (potrf, potrs)."""
     info = info.reshape(-1).cpu()
     if bool((info < 0).any()):
         raise SolveError(f"{what}: invalid argument reported by the solver (info {info.tolist()})")
     bad = torch.nonzero(info > 0).reshape(-1)
     if len(bad):
         b = int(bad[0])
-        where = f" (matrix {b} of {len(info)})" if len(info) > 1 else ""
+        where = f" (matrix {b} of {len(info)})" if batch and len(info) > 1 else ""
         raise NotPositiveDefiniteError(
             f"{what}{where} is not positive definite: its leading minor of order {int(info[b])} is not; "
             "check the statistics (NaN, too few tokens) and lambda"
@@ -232,7 +233,7 @@ def _raise_not_pd(info: torch.Tensor, what: str) -> None:
 
 def _factor_torch(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(cov.to(dtype) * lam)
-    _raise_not_pd(info, "lam * C")
+    _raise_not_pd(info, "lam * C", batch=True)
     return L.contiguous()
 
 
@@ -326,7 +327,7 @@ def _factor_native(cov: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.T
     with _on_device(cov):
         kw = native.call_args(cov)
         info = torch.cat([_potrf_native(m, f64, True, kw) for m in mats])
-    _raise_not_pd(info, "lam * C")
+    _raise_not_pd(info, "lam * C", batch=True)
     return L.tril_()
 
 

@@ -151,6 +151,11 @@ def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
         assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype, resid), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
         solve._factor_native(-spd_cov(5), LAM, dtype)
+    bad = spd_cov(40)
+    bad[3, 3] = -1.0
+    for fn in (solve._cholesky_native, solve._mixed_native):  # one matrix: no "matrix 0 of 2"
+        with pytest.raises(NotPositiveDefiniteError, match=r"^lam \* C \+ K K\^T is not positive definite: its leading minor of order 4 "):
+            fn(bad, torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2))
 
 
 KW = {"stream": 0, "device": 0}
