@@ -216,6 +216,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> str:
 
 
 FASTEST_POTRF_BLOCK = [None]  # set by solve_components: the POTRF_BLOCK that timed fastest
+FASTEST_POTRS_BLOCK = [None]  # and the POTRS_BLOCK
 
 
 def solve_components(cov, keys, resid, ceil) -> None:
@@ -277,12 +278,16 @@ def solve_components(cov, keys, resid, ceil) -> None:
     FASTEST_POTRF_BLOCK[0] = min(best, key=best.get)
     info = torch.zeros(1, dtype=torch.int32, device=DEV)
     rhs = torch.empty_like(b)
-
-    def potrs():
-        rhs.copy_(b)
-        lib.potrs(True, True, d, m, work.data_ptr(), d, rhs.data_ptr(), d, info.data_ptr(), **native.call_args(work))
-    ms = bench(potrs, reps=3)
-    record("solve", f"potrs fp64, {m} right-hand sides", ms, flops=2 * d * d * m, ceiling=fp64_peak, provider="memit_fast", **shape)
+    times = {}
+    for block in (0, 1024, 2048, 4096):
+        def potrs():
+            rhs.copy_(b)
+            solve._potrs_native(work, rhs, True, info, native.call_args(work), block=block)
+        ms = bench(potrs, reps=3) - bench(lambda: rhs.copy_(b), reps=5)
+        name = f"potrs fp64, {m} rhs: cuSOLVER" if block == 0 else f"potrs fp64, {m} rhs: trsm blocks <= {block} + DGEMM"
+        record("solve", name, ms, flops=2 * d * d * m, ceiling=fp64_peak, provider="memit_fast", **shape)
+        times[block] = ms
+    FASTEST_POTRS_BLOCK[0] = min(times, key=times.get)
     covs = cov.expand(6, d, d)
     ms = bench(lambda: solve.factor_scaled_cov(covs, LAM), reps=2)
     record("solve", "factor_scaled_cov, 6 layers batched", ms, flops=6 * d**3 / 3, ceiling=fp64_peak, provider="memit_fast", **shape)
@@ -315,23 +320,24 @@ def solve_section(ceil: dict, tiny: bool) -> None:
             ("cholesky dW fp64", {"method": "cholesky"}, "cholesky", False),
             ("cholesky dW float32", {"method": "cholesky", "dtype": torch.float32}, "cholesky", False),
         ]
-        fastest = FASTEST_POTRF_BLOCK[0]
-        if fastest is not None and fastest != solve.POTRF_BLOCK:
-            runs.insert(1, (f"auto (= {auto}) dW, POTRF_BLOCK={fastest}", {"potrf_block": fastest}, auto, False))
+        fastest = (FASTEST_POTRF_BLOCK[0], FASTEST_POTRS_BLOCK[0])
+        if None not in fastest and fastest != (solve.POTRF_BLOCK, solve.POTRS_BLOCK):
+            runs.insert(1, (f"auto (= {auto}) dW, POTRF/POTRS_BLOCK={fastest[0]}/{fastest[1]}", {"blocks": fastest}, auto, False))
         for name, kw, counted, factored in runs:
-            block = kw.pop("potrf_block", solve.POTRF_BLOCK)
+            blocks = kw.pop("blocks", (solve.POTRF_BLOCK, solve.POTRS_BLOCK))
             one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
-            saved, solve.POTRF_BLOCK = solve.POTRF_BLOCK, block
+            saved = solve.POTRF_BLOCK, solve.POTRS_BLOCK
+            solve.POTRF_BLOCK, solve.POTRS_BLOCK = blocks
             try:
                 err = rel_err(one(0), ref)
                 ms = bench(lambda: [one(i) for i in range(layers)], reps=3, warmup=1)
                 record("solve", f"{name}, {layers} layers", ms, flops=layers * solve.solve_flops(d, n, counted, factored=factored, m=m),
                        ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=err, native=native.available(), m=m,
-                       potrf_block=block, **shape)
+                       potrf_block=blocks[0], potrs_block=blocks[1], **shape)
             except Exception as e:  # noqa: BLE001
                 record("solve", f"{name}, {layers} layers", float("nan"), error=repr(e)[:300], **shape)
             finally:
-                solve.POTRF_BLOCK = saved
+                solve.POTRF_BLOCK, solve.POTRS_BLOCK = saved
         del keys, resid, ref
     # the error on a covariance with a realistic spectrum (4 decades plus a mean), GPT-J size
     del factor

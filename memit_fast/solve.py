@@ -6,10 +6,11 @@ so that Delta W = R A^T; `solve_delta_weights` returns Delta W itself, solving f
 columns of K R^T when m < n (fewer right-hand sides). Methods:
 
 - "cholesky": G = lam C + K K^T (one symmetric rank-n update), G = L L^T, A = L^-T L^-1 K.
-  d^3/3 + 3 d^2 n flops. On CUDA: cuBLAS syrk + potrf (`_potrf_native`: for d > POTRF_BLOCK a
-  recursion whose flops run in big cuBLAS trsm/syrk calls, cuSOLVER on the diagonal blocks)
-  + cuSOLVER potrs (memit_fast._native), else the same steps in torch (`_cholesky_torch`, also
-  the CPU path).
+  d^3/3 + 3 d^2 n flops. On CUDA (memit_fast._native): cuBLAS syrk, potrf (`_potrf_native`:
+  for d > POTRF_BLOCK a recursion whose flops run in big cuBLAS trsm/syrk calls, cuSOLVER on
+  the diagonal blocks), potrs (`_potrs_native`: for d > POTRS_BLOCK a trsm per diagonal block
+  and DGEMM updates between them, else cuSOLVER); elsewhere the same steps in torch
+  (`_cholesky_torch`, also the CPU path).
 - "mixed" (CUDA with the native module; elsewhere it is "cholesky"): cholesky with K K^T and
   K R^T formed in one fp16 tensor-core product at float32 accuracy (kernels/gram.py, "fp16x3":
   3 n (d + m)^2 flops at ~12x the fp64 rate), then G = lam C + K K^T, its factor and the solve
@@ -55,6 +56,8 @@ METHODS = ("auto", "cholesky", "woodbury", "dense", "mixed")
 # potrf of a matrix larger than this runs as a recursion of big trsm/syrk calls around cuSOLVER
 # potrfs of at most this size (0: one cuSOLVER call); MEMIT_FAST_POTRF_BLOCK overrides it
 POTRF_BLOCK = int(os.environ.get("MEMIT_FAST_POTRF_BLOCK", "2048"))
+# likewise the triangular solves of cholesky/mixed: blocks of this size, DGEMM between them
+POTRS_BLOCK = int(os.environ.get("MEMIT_FAST_POTRS_BLOCK", "2048"))
 MIXED_MIN_D = 2048  # "auto" considers "mixed" from this d on (below it fp64 costs little)
 TC_FLOP_WEIGHT = 1 / 12  # an fp16 tensor-core flop in fp64 flops (H100: ~750 vs ~62 TFLOP/s)
 
@@ -346,12 +349,36 @@ def _cholesky_native(cov, keys, lam, dtype, resid=None) -> torch.Tensor:
         return _factor_and_solve(g, b, f64, resid is None, kw)
 
 
+def _potrs_native(g: torch.Tensor, b: torch.Tensor, f64: bool, info: torch.Tensor, kw: dict, block: int | None = None) -> None:
+    """b := G^-1 b in place, G = U^T U with U the column-major upper factor in g (row-major
+    lower L = U^T); b (r, d) row-major = column-major d x r. For d > `block` (default
+    POTRS_BLOCK) blocked: per diagonal block of L one cuBLAS trsm, then one DGEMM (torch, same
+    stream) that updates the rest of b, so most of the 2 d^2 r flops run as GEMM; else cuSOLVER's
+    potrs (info: its argument check)."""
+    lib, d, r = native.lib(), g.shape[0], b.shape[0]
+    block = POTRS_BLOCK if block is None else block
+    if block <= 0 or d <= block:
+        lib.potrs(f64, True, d, r, g.data_ptr(), d, b.data_ptr(), d, info.data_ptr(), **kw)
+        return
+    es = g.element_size()
+    starts = list(range(0, d, block))
+    for o in starts:  # forward: U^T Y = B, i.e. Y^T = B^T L^-T, columns of b left to right
+        k = min(block, d - o)
+        lib.trsm(f64, True, True, True, k, r, 1.0, g.data_ptr() + (o * d + o) * es, d, b[:, o:].data_ptr(), d, **kw)
+        if o + k < d:
+            b[:, o + k:].addmm_(b[:, o:o + k], g[o + k:, o:o + k].mT, alpha=-1.0)
+    for o in reversed(starts):  # backward: U X = Y, i.e. X^T = Y^T L^-1, right to left
+        k = min(block, d - o)
+        lib.trsm(f64, True, True, False, k, r, 1.0, g.data_ptr() + (o * d + o) * es, d, b[:, o:].data_ptr(), d, **kw)
+        if o:
+            b[:, :o].addmm_(b[:, o:o + k], g[o:o + k, :o], alpha=-1.0)
+
+
 def _factor_and_solve(g, b, f64, keys_form, kw) -> torch.Tensor:
     """g (d, d) row-major lower = G: factored in place; b (r, d) row-major = column-major d x r
     right-hand sides: G^-1 B in place. Returns b (as (d, r) if keys_form)."""
     info = torch.cat([_potrf_native(g, f64, True, kw), torch.zeros(1, dtype=torch.int32, device=g.device)])
-    native.lib().potrs(f64, True, g.shape[0], b.shape[0], g.data_ptr(), g.shape[0], b.data_ptr(), g.shape[0],
-                       info[1].data_ptr(), **kw)
+    _potrs_native(g, b, f64, info[1], kw)
     _raise_not_pd(info, "lam * C + K K^T")
     return _check_finite(b.mT.contiguous() if keys_form else b, "cholesky solve")
 

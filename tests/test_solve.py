@@ -187,6 +187,19 @@ def test_blocked_potrf_on_cpu_stand_in(stand_in, upper, block):
             assert int(solve._potrf_native(h, True, upper, KW, block=block)) == bad
 
 
+@pytest.mark.parametrize("block", [0, 16, 40])
+def test_blocked_potrs_on_cpu_stand_in(stand_in, block):
+    """_potrs_native: trsm per diagonal block and a GEMM update between them, both directions."""
+    for d, r in [(1, 1), (37, 5), (70, 1), (130, 24)]:
+        g = spd_cov(d) * LAM
+        f = g.clone()
+        assert int(solve._potrf_native(f, True, True, KW, block=block)) == 0
+        b = torch.randn(r, d, dtype=torch.float64)
+        x = b.clone()
+        solve._potrs_native(f, x, True, torch.zeros(1, dtype=torch.int32), KW, block=block)
+        assert rel(x.mT, torch.linalg.solve(g, b.mT)) < 1e-12
+
+
 @pytest.mark.triton_loop
 @pytest.mark.parametrize("d,n,m", [(1, 1, 1), (70, 90, 30), (200, 120, 30), (130, 40, None)])
 def test_mixed_on_cpu_stand_in(stand_in, d, n, m):

@@ -4,8 +4,8 @@
 # solver / native tests, the kernel benchmarks, and prints a summary last. Every stage logs to
 # $OUT (default ./device_out; 8 files) and the next stage runs whatever happened. About 5
 # minutes; every stage has a time limit and all of them fit in MEMIT_FAST_DEVICE_BUDGET seconds
-# (default 450, under the 8 minutes of one device call). MEMIT_FAST_POTRF_BLOCK=0 switches the
-# recursive potrf off (one cuSOLVER call), as solve.py reads it.
+# (default 450, under the 8 minutes of one device call). MEMIT_FAST_POTRF_BLOCK=0 /
+# MEMIT_FAST_POTRS_BLOCK=0 switch the blocked potrf / potrs off (one cuSOLVER call each).
 # MEMIT_FAST_BENCH_TINY=1: small benchmark sizes (to try the script on a CPU machine).
 set -u
 OUT=${OUT:-$PWD/device_out}
