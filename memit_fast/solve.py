@@ -318,7 +318,9 @@ def _potrf_native(a: torch.Tensor, f64: bool, upper: bool, kw: dict, block: int 
     if len(blocks) == 1:
         return info
     never = torch.iinfo(torch.int32).max
-    offsets = torch.tensor([o for o, _ in blocks], dtype=torch.int32, device=a.device)
+    offsets = torch.empty_like(info)
+    for i, (o, _) in enumerate(blocks):  # fills, not a host-to-device copy: no sync
+        offsets[i].fill_(o)
     first = torch.where(info > 0, info + offsets, never).amin()
     return torch.where(info.amin() < 0, info.amin(), torch.where(first < never, first, 0)).reshape(1).to(torch.int32)
 
