@@ -66,6 +66,6 @@ stage bench_kernels 60 "$OUT/bench.log" "$PY" -m pytest -p no:cacheprovider -q b
   echo "== native"; tail -1 "$OUT/env.txt"
   echo "== tests (gpu, then cpu)"; grep -E "^[0-9]+ (passed|failed|skipped)|no tests ran" "$OUT/tests.log" | tail -4
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -15
-  echo "== benchmarks (kernels_device table)"; sed -n '/^section /,/^=== kernels_device/p' "$OUT/bench.log" | head -80
+  echo "== benchmarks (kernels_device table)"; sed -n '/^section /,/^=== kernels_device/p' "$OUT/bench.log" | head -90
   echo "== bench_kernels"; grep -E "passed|failed" "$OUT/bench.log" | tail -1
 } | tee "$OUT/summary.txt"
