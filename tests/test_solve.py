@@ -119,6 +119,15 @@ def test_nan_and_bad_input_fail_clearly():
         solve.factor_scaled_cov(cov.half(), LAM)
 
 
+NOT_PD_ORDER_4 = r"^lam \* C \+ K K\^T is not positive definite: its leading minor of order 4 "
+
+
+def _not_pd_at_4():
+    bad = spd_cov(40)
+    bad[3, 3] = -1.0
+    return bad
+
+
 def _unchanged(fn, *args):
     """fn(*args), asserting that no tensor argument was written to (the ops declare mutates_args=())."""
     before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -151,12 +160,8 @@ def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
         assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype, resid), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
         solve._factor_native(-spd_cov(5), LAM, dtype)
-    bad = spd_cov(40)
-    bad[3, 3] = -1.0
-    paths = (solve._cholesky_native,) if torch.cuda.is_available() else (solve._cholesky_native, solve._mixed_native)
-    for fn in paths:  # one matrix: no "matrix 0 of 2" (mixed's products need Triton's interpreter here)
-        with pytest.raises(NotPositiveDefiniteError, match=r"^lam \* C \+ K K\^T is not positive definite: its leading minor of order 4 "):
-            fn(bad, torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2))
+    with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):  # one matrix: no "matrix 0 of 2"
+        solve._cholesky_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2))
 
 
 KW = {"stream": 0, "device": 0}
@@ -220,6 +225,8 @@ def test_mixed_on_cpu_stand_in(stand_in, d, n, m):
     # float64 keys keep fp64 products: float64 accuracy
     delta = solve._mixed_native(cov, keys.double(), LAM, torch.float64, resid.double())
     assert rel(delta, resid.double() @ ref.mT) < TOL[torch.float64]
+    with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):
+        solve._mixed_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, torch.float64, torch.randn(1, 2))
 
 
 def test_auto_picks_mixed_for_gpt_j_sizes():
