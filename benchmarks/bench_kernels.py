@@ -28,6 +28,7 @@ DEV = "cuda" if CUDA else "cpu"
 D_FF = {"gpt2-xl": 6400, "llama-3-8b": 14336, "gpt-j": 16384} if CUDA else {"gpt2-xl": 40, "llama-3-8b": 56, "gpt-j": 64}
 TOKENS = 16384 if CUDA else 64
 EDITS = 10_000 if CUDA else 24
+D_MODEL = 4096 if CUDA else 8
 PROVIDERS = ["reference", "memit_fast"]
 
 
@@ -89,20 +90,22 @@ def test_capture(benchmark, provider, model):
     run(benchmark, lambda: op(h, index, out), bytes_=n * d * 6, rounds=20, n=n, d=d)
 
 
-@pytest.mark.parametrize("method", ["cholesky", "woodbury"])
+@pytest.mark.parametrize("method", ["auto", "mixed", "cholesky", "woodbury"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_solve_one_layer(benchmark, provider, method):
-    d, n = D_FF["gpt-j"], EDITS
+    """Delta W of one GPT-J layer: d_ff keys, EDITS edits, d_model = D_MODEL right-hand sides."""
+    d, n, m = D_FF["gpt-j"], EDITS, D_MODEL
     x = torch.randn(2 * d, d, device=DEV).to(torch.bfloat16)
     cov = (x.mT @ x).double() / (2 * d) + 0.05 * torch.eye(d, dtype=torch.float64, device=DEV)
-    keys = torch.randn(d, n, device=DEV)
+    keys, resid = torch.randn(d, n, device=DEV), torch.randn(m, n, device=DEV)
     if provider == "reference":
-        if method == "woodbury":
+        if method != "auto":
             pytest.skip("the reference twin is the dense solve")
-        fn = lambda: solve.solve_update_keys_reference(cov, keys, 15000.0)  # noqa: E731
-        flops = solve.solve_flops(d, n, "dense")
+        fn = lambda: solve.solve_delta_weights(cov, keys, resid, 15000.0, method="dense")  # noqa: E731
+        flops = solve.solve_flops(d, n, "dense", m=m)
     else:
         kw = {"factor": solve.factor_scaled_cov(cov, 15000.0)} if method == "woodbury" else {}
-        fn = lambda: solve.solve_update_keys(cov, keys, 15000.0, method=method, **kw)  # noqa: E731
-        flops = solve.solve_flops(d, n, method, factored=True)
-    run(benchmark, fn, flops=flops, rounds=3, d=d, n=n, method=method)
+        fn = lambda: solve.solve_delta_weights(cov, keys, resid, 15000.0, method=method, **kw)  # noqa: E731
+        counted = solve._auto(d, n, False, m, mixed=solve._native_ready(cov) and d >= solve.MIXED_MIN_D) if method == "auto" else method
+        flops = solve.solve_flops(d, n, counted, factored=method == "woodbury", m=m)
+    run(benchmark, fn, flops=flops, rounds=3, d=d, n=n, m=m, method=method)

@@ -6,9 +6,11 @@ Ceilings: a bf16 8192^3 matrix product on random data (TFLOP/s), a device-to-dev
 (GB/s, bytes read + written), fp64 and fp32 products for the solves. Covariance: every tile
 config at N = 16384 tokens x d = 16384 / 14336 / 6400 bf16, useful flops N d (d + 1);
 masked rows (row index, in place) vs compaction + dense; the accumulator's tokens/s.
-Capture: 10,000 rows of (8, 2048, d) bf16 to fp32. Solves: six GPT-J layers (d 16384,
-n 10,000) by cholesky / woodbury (cached factor) in fp64 and fp32, for A and for Delta W
-(m = 4096 right-hand sides), against the dense twin.
+Capture: 10,000 rows of (8, 2048, d) bf16 to fp32. Solves: one GPT-J layer's pieces (the
+products as fp16x3, tf32x3 and fp64; potrf by one cuSOLVER call and recursively; potrs), then
+six GPT-J layers of Delta W (d 16384, n 10,000 and 1000, m = 4096) by auto / mixed / cholesky /
+woodbury, with the error against the dense float64 twin, also on a C with a spectrum over 4
+decades.
 Prints a table (last) and writes every row plus device, versions, date and commit to OUT.json.
 --tiny: small sizes; without CUDA it runs on the CPU (Triton kernels in the interpreter), to
 check the script itself.
@@ -185,44 +187,172 @@ def spd_cov(d: int) -> torch.Tensor:
     return c.add_(torch.eye(d, dtype=torch.float64, device=DEV), alpha=0.05)
 
 
+def spectrum_cov_and_keys(d: int, n: int, decades: float = 4.0):
+    """A C whose eigenvalues are log-uniform over `decades` plus a mean direction (keys are far
+    from centred), and n keys (d, n) float32 drawn from the same distribution."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, device=DEV))
+    lam = 10.0 ** (-decades * torch.arange(d, dtype=torch.float64, device=DEV) / (d - 1))
+    mu = q[:, 0] * 3.0
+    c = (q * lam) @ q.mT + torch.outer(mu, mu)
+    keys = (q * lam.sqrt()) @ torch.randn(d, n, dtype=torch.float64, device=DEV) + mu[:, None]
+    del q
+    return c, keys.float()
+
+
+def cond_estimate(g: torch.Tensor, iters: int = 30) -> float:
+    """lam_max / lam_min of an SPD g by power iteration on g and on g^-1 (its Cholesky factor)."""
+    L = torch.linalg.cholesky(g)
+    v = w = torch.randn(g.shape[0], 1, dtype=g.dtype, device=g.device)
+    for _ in range(iters):
+        v = g @ v
+        v = v / v.norm()
+        w = torch.cholesky_solve(w, L)
+        w = w / w.norm()
+    return float((v.mT @ g @ v) / (w.mT @ g @ w))
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> str:
+    return f"{float((x.double() - ref).norm() / ref.norm()):.2e}"
+
+
+FASTEST_POTRF_BLOCK = [None]  # set by solve_components: the POTRF_BLOCK that timed fastest
+FASTEST_POTRS_BLOCK = [None]  # and the POTRS_BLOCK
+
+
+def solve_components(cov, keys, resid, ceil) -> None:
+    """One GPT-J layer's pieces: the products three ways, potrf by cuSOLVER and recursively, potrs."""
+    from memit_fast.kernels import gram  # noqa: PLC0415
+
+    d, n = keys.shape
+    m = resid.shape[0]
+    p = d + m
+    fp64_peak = ("tflops", ceil.get("fp64_tflops"))
+    shape = {"d": d, "n": n, "m": m}
+    ms = bench(lambda: gram.gram_fp16x3([keys.mT, resid.mT]), reps=5)
+    record("solve", "products fp16x3 [K^T R^T]^T[K^T R^T] (split+syrk)", ms, flops=3 * n * p * (p + 1),
+           ceiling=("tflops", ceil.get("bf16_tflops")), provider="memit_fast", **shape)
+    x1, x2, inv = gram.split_fp16x3([keys.mT, resid.mT])
+    out = torch.empty(p, p, device=DEV)
+    ms = bench(lambda: covariance.syrk_lower_(out, x1, y=x2, col_scale=inv), reps=5)
+    record("solve", "  of which syrk fp16 over 3n rows", ms, flops=3 * n * p * (p + 1), ceiling=("tflops", ceil.get("bf16_tflops")),
+           provider="memit_fast", **shape)
+    del x1, x2
+    xcat = torch.cat([keys.mT, resid.mT], 1)
+    try:
+        ms = bench(lambda: covariance.syrk_lower_(out, xcat, fp32_precision="tf32x3"), reps=3)
+        record("solve", "products tf32x3 (fp32 syrk config)", ms, flops=n * p * (p + 1), provider="memit_fast", **shape)
+    except Exception as e:  # noqa: BLE001
+        record("solve", "products tf32x3 (fp32 syrk config)", float("nan"), error=repr(e)[:300], **shape)
+    del xcat, out
+    k64, r64 = keys.double(), resid.double()
+    g = cov.clone()
+    if native.available():
+        lib = native.lib()
+        kw = native.call_args(g)
+        ms = bench(lambda: lib.syrk(True, True, True, d, n, 1.0, k64.data_ptr(), n, LAM, g.data_ptr(), d, **kw), reps=3)
+        record("solve", "products fp64: cuBLAS Dsyrk K K^T", ms, flops=n * d * (d + 1), ceiling=fp64_peak, provider="memit_fast", **shape)
+    ms = bench(lambda: r64 @ k64.mT, reps=3)
+    record("solve", "products fp64: torch R K^T (DGEMM)", ms, flops=2 * d * n * m, ceiling=fp64_peak, provider="torch", **shape)
+    del k64, r64
+    if not native.available():
+        return
+    g = torch.addmm(cov, keys.double(), keys.double().mT, beta=LAM)
+    b = torch.randn(m, d, dtype=torch.float64, device=DEV)
+    work = torch.empty_like(g)
+    saved, best = solve.POTRF_BLOCK, {}
+    try:
+        for block in (0, 1024, 2048, 4096):
+            solve.POTRF_BLOCK = block
+
+            def factor():
+                work.copy_(g)
+                return solve._potrf_native(work, True, True, native.call_args(work))
+            copy_ms = bench(lambda: work.copy_(g), reps=5)
+            ms = bench(factor, reps=3) - copy_ms
+            info = int(factor())
+            name = "potrf fp64: one cuSOLVER call" if block == 0 else f"potrf fp64: recursive, cuSOLVER blocks <= {block}"
+            record("solve", name, ms, flops=d**3 / 3, ceiling=fp64_peak, provider="memit_fast", info=info, **shape)
+            best[block] = ms
+    finally:
+        solve.POTRF_BLOCK = saved
+    FASTEST_POTRF_BLOCK[0] = min(best, key=best.get)
+    info = torch.zeros(1, dtype=torch.int32, device=DEV)
+    rhs = torch.empty_like(b)
+    times = {}
+    for block in (0, 1024, 2048, 4096):
+        def potrs():
+            rhs.copy_(b)
+            solve._potrs_native(work, rhs, True, info, native.call_args(work), block=block)
+        ms = bench(potrs, reps=3) - bench(lambda: rhs.copy_(b), reps=5)
+        name = f"potrs fp64, {m} rhs: cuSOLVER" if block == 0 else f"potrs fp64, {m} rhs: trsm blocks <= {block} + DGEMM"
+        record("solve", name, ms, flops=2 * d * d * m, ceiling=fp64_peak, provider="memit_fast", **shape)
+        times[block] = ms
+    FASTEST_POTRS_BLOCK[0] = min(times, key=times.get)
+    covs = cov.expand(6, d, d)
+    ms = bench(lambda: solve.factor_scaled_cov(covs, LAM), reps=2)
+    record("solve", "factor_scaled_cov, 6 layers batched", ms, flops=6 * d**3 / 3, ceiling=fp64_peak, provider="memit_fast", **shape)
+
+
 def solve_section(ceil: dict, tiny: bool) -> None:
+    """Six GPT-J layers of Delta W (m = 4096 right-hand sides) by each method, sequentially with
+    fresh keys per layer as apply runs them; the error of layer 0 against the float64 dense twin."""
     d, m, layers = (160, 24, 6) if tiny else (16384, 4096, 6)  # m: GPT-J's d_model
     fp64_peak = ("tflops", ceil.get("fp64_tflops"))
     cov = spd_cov(d)
     factor = solve.factor_scaled_cov(cov, LAM)
-    ms = bench(lambda: solve.factor_scaled_cov(cov, LAM), reps=2, warmup=0)
-    record("solve", "factor lam*C fp64, one layer (cached with the stats)", ms, flops=d**3 / 3, ceiling=fp64_peak,
-           provider="memit_fast", d=d)
-    for n in ([40, 200] if tiny else [10_000, 1000]):
+    for n in ([120, 40] if tiny else [10_000, 1000]):
         keys = [rand(d, n, dtype=torch.float32) for _ in range(layers)]
         resid = [rand(m, n, dtype=torch.float32) for _ in range(layers)]
         shape = {"d": d, "n": n, "layers": layers}
-        ref = solve.solve_update_keys_reference(cov, keys[0], LAM)
-        ref_delta = resid[0].double() @ ref.mT
-        ms = bench(lambda: solve.solve_update_keys_reference(cov, keys[0], LAM), reps=2, warmup=1)
-        record("solve", "dense twin fp64 (A), one layer x6", ms * layers, flops=layers * solve.solve_flops(d, n, "dense"),
-               ceiling=fp64_peak, provider="reference", **shape)
-        for form in ("A", "dW"):
-            for dtype in (torch.float64, torch.float32):
-                f = factor if dtype == torch.float64 else factor.float()
-                for method in ("cholesky", "woodbury"):
-                    kw = {"method": method, "dtype": dtype, **({"factor": f} if method == "woodbury" else {})}
-                    if form == "A":
-                        one = lambda i: solve.solve_update_keys(cov, keys[i], LAM, **kw)  # noqa: E731
-                        want, mm = ref, None
-                    else:
-                        one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
-                        want, mm = ref_delta, (m if m < n else None)
-                    name = f"{method} {form} {str(dtype)[6:]}, {layers} layers"
-                    try:
-                        err = float((one(0).double() - want).norm() / want.norm())
-                        ms = bench(lambda: [one(i) for i in range(layers)], reps=2, warmup=1)
-                        record("solve", name, ms, flops=layers * solve.solve_flops(d, n, method, factored=True, m=mm),
-                               ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=f"{err:.2e}",
-                               native=native.available(), m=m, **shape)
-                    except Exception as e:  # noqa: BLE001
-                        record("solve", name, float("nan"), error=repr(e)[:300], **shape)
-        del keys, resid, ref, ref_delta
+        if n == (120 if tiny else 10_000):
+            solve_components(cov, keys[0], resid[0], ceil)
+        ref = resid[0].double() @ solve.solve_update_keys_reference(cov, keys[0], LAM).mT
+        ms = bench(lambda: solve.solve_delta_weights(cov, keys[0], resid[0], LAM, method="dense"), reps=1, warmup=1)
+        record("solve", "dense twin fp64 (dW), one layer x6", ms * layers,
+               flops=layers * solve.solve_flops(d, n, "dense", m=m), ceiling=fp64_peak, provider="reference", **shape)
+        mixed_ok = native.available() and d >= solve.MIXED_MIN_D
+        auto = solve._auto(d, n, False, m, mixed=mixed_ok)
+        auto_f = solve._auto(d, n, True, m, mixed=mixed_ok)
+        runs = [
+            (f"auto (= {auto}) dW", {}, auto, False),
+            (f"auto + cached factor (= {auto_f}) dW", {"factor": factor}, auto_f, True),
+            ("mixed dW (fp16x3 products + fp64)", {"method": "mixed"}, "mixed", False),
+            ("cholesky dW fp64", {"method": "cholesky"}, "cholesky", False),
+            ("cholesky dW float32", {"method": "cholesky", "dtype": torch.float32}, "cholesky", False),
+        ]
+        fastest = (FASTEST_POTRF_BLOCK[0], FASTEST_POTRS_BLOCK[0])
+        if None not in fastest and fastest != (solve.POTRF_BLOCK, solve.POTRS_BLOCK):
+            runs.insert(1, (f"auto (= {auto}) dW, POTRF/POTRS_BLOCK={fastest[0]}/{fastest[1]}", {"blocks": fastest}, auto, False))
+        for name, kw, counted, factored in runs:
+            blocks = kw.pop("blocks", (solve.POTRF_BLOCK, solve.POTRS_BLOCK))
+            one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
+            saved = solve.POTRF_BLOCK, solve.POTRS_BLOCK
+            solve.POTRF_BLOCK, solve.POTRS_BLOCK = blocks
+            try:
+                err = rel_err(one(0), ref)
+                ms = bench(lambda: [one(i) for i in range(layers)], reps=3, warmup=1)
+                record("solve", f"{name}, {layers} layers", ms, flops=layers * solve.solve_flops(d, n, counted, factored=factored, m=m),
+                       ceiling=fp64_peak, provider="memit_fast", rel_err_vs_fp64_dense=err, native=native.available(), m=m,
+                       potrf_block=blocks[0], potrs_block=blocks[1], **shape)
+            except Exception as e:  # noqa: BLE001
+                record("solve", f"{name}, {layers} layers", float("nan"), error=repr(e)[:300], **shape)
+            finally:
+                solve.POTRF_BLOCK, solve.POTRS_BLOCK = saved
+        del keys, resid, ref
+    # the error on a covariance with a realistic spectrum (4 decades plus a mean), GPT-J size
+    del factor
+    n = 120 if tiny else 10_000
+    c, k = spectrum_cov_and_keys(d, n)
+    r = rand(m, n, dtype=torch.float32)
+    ref = r.double() @ solve.solve_update_keys_reference(c, k, LAM).mT
+    cond = f"{cond_estimate(torch.addmm(c, k.double(), k.double().mT, beta=LAM)):.1e}"
+    for name, kw in [("mixed", {"method": "mixed"}), ("cholesky fp64", {"method": "cholesky"}),
+                     ("cholesky float32", {"method": "cholesky", "dtype": torch.float32})]:
+        try:
+            err = rel_err(solve.solve_delta_weights(c, k, r, LAM, **kw), ref)
+            record("solve", f"4-decade spectrum, cond {cond}: {name}", float("nan"), rel_err_vs_fp64_dense=err, d=d, n=n, m=m)
+        except Exception as e:  # noqa: BLE001
+            record("solve", f"spectrum 4 decades: {name}", float("nan"), error=repr(e)[:300], d=d, n=n, m=m)
 
 
 def environment() -> dict:
@@ -277,14 +407,14 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'section':<10} {'name':<46} {'shape':<24} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%ceil':>6} note"]
+    lines = [f"{'section':<10} {'name':<52} {'shape':<24} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%ceil':>6} note"]
     for r in rows:
         if "name" not in r:
             lines.append(f"{r['section']:<10} ERROR {r.get('error', '')[-200:]!r}")
             continue
         shape = ",".join(f"{k}={r[k]}" for k in ("N", "B", "S", "d", "n", "layers") if k in r)
         note = r.get("error") or r.get("rel_err_vs_fp64_dense") or r.get("tokens_per_s") or ""
-        lines.append(f"{r['section']:<10} {r['name'][:46]:<46} {shape[:24]:<24} {r['ms']:>9.3f} {r.get('tflops', ''):>8} "
+        lines.append(f"{r['section']:<10} {r['name'][:52]:<52} {shape[:24]:<24} {r['ms']:>9.3f} {r.get('tflops', ''):>8} "
                      f"{r.get('gbs', ''):>7} {r.get('pct_of_ceiling', '') or '':>6} {str(note)[:60]}")
     return "\n".join(lines)
 

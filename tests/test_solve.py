@@ -119,25 +119,131 @@ def test_nan_and_bad_input_fail_clearly():
         solve.factor_scaled_cov(cov.half(), LAM)
 
 
+NOT_PD_ORDER_4 = r"^lam \* C \+ K K\^T is not positive definite: its leading minor of order 4 "
+
+
+def _not_pd_at_4():
+    bad = spd_cov(40)
+    bad[3, 3] = -1.0
+    return bad
+
+
+def _unchanged(fn, *args):
+    """fn(*args), asserting that no tensor argument was written to (the ops declare mutates_args=())."""
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*args)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f"{fn.__name__} overwrote an input of shape {tuple(a.shape)}"
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
-    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py."""
+    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py.
+    Keys and residuals are float32 and contiguous, as on the GPU: in a float32 solve .to(dtype)
+    returns the caller's tensor itself, so an in-place library call on it would clobber it
+    (the woodbury Delta W bug of the first device run: potrs wrote M^-1 R^T into R)."""
     monkeypatch.setattr(native, "lib", lambda: cpu_native)
-    monkeypatch.setattr(native, "call_args", lambda t: {"stream": 0, "device": 0})
+    monkeypatch.setattr(native, "call_args", lambda t: KW)
     tol = TOL[dtype]
-    for d, n in [(1, 1), (33, 5), (70, 90)]:
-        cov, keys = spd_cov(d), torch.randn(d, n) * 3
+    # (d, n, m): tiny; n > d; and m < n < d, the shape of the failing GPU test (2000, 1200, 300) / 10
+    for d, n, m in [(1, 1, 1), (33, 5, 2), (70, 90, 30), (200, 120, 30)]:
+        cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
         ref = truth(cov, keys)
-        assert rel(solve._cholesky_native(cov, keys, LAM, dtype), ref) < tol
-        L = solve._factor_native(torch.stack([cov, cov]), LAM, dtype)
-        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
-        assert rel(solve._woodbury_native(L[0], keys, dtype), ref) < tol
-        resid = torch.randn(max(1, n // 3), n)
         want = resid.double() @ ref.mT
-        assert rel(solve._cholesky_native(cov, keys, LAM, dtype, resid), want) < tol
-        assert rel(solve._woodbury_native(L[0], keys, dtype, resid), want) < tol
+        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype), ref) < tol
+        L = _unchanged(solve._factor_native, torch.stack([cov, cov]), LAM, dtype)
+        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
+        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype), ref) < tol
+        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype, resid), want) < tol
+        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype, resid), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
         solve._factor_native(-spd_cov(5), LAM, dtype)
+    with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):  # one matrix: no "matrix 0 of 2"
+        solve._cholesky_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2))
+
+
+KW = {"stream": 0, "device": 0}
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """solve's native calls go to tests/cpu_native.py."""
+    monkeypatch.setattr(native, "lib", lambda: cpu_native)
+    monkeypatch.setattr(native, "call_args", lambda t: KW)
+
+
+@pytest.mark.parametrize("upper", [True, False])
+@pytest.mark.parametrize("block", [0, 16, 40])
+def test_blocked_potrf_on_cpu_stand_in(stand_in, upper, block):
+    """The recursion of _potrf_native (trsm + syrk around cuSOLVER blocks) in both triangles."""
+    for d in (1, 16, 37, 70, 130):
+        g = spd_cov(d) * LAM
+        a = g.clone()
+        info = solve._potrf_native(a, True, upper, KW, block=block)
+        assert int(info) == 0
+        f = a.tril() if upper else a.triu().mT  # the factor as a row-major lower L, L L^T = G
+        assert rel(f @ f.mT, g) < 1e-13 and rel(f, torch.linalg.cholesky(g)) < 1e-12
+        steps = solve._potrf_steps(0, d, block)
+        assert all(k <= max(block, 1) or block == 0 for _, k, k2 in steps if k2 == 0)
+        for bad in sorted({1, d // 2 + 1, d}):  # the first failing leading minor, in any block
+            h = g.clone()
+            h[bad - 1, bad - 1] = -1.0
+            assert int(solve._potrf_native(h, True, upper, KW, block=block)) == bad
+
+
+@pytest.mark.parametrize("block", [0, 16, 40])
+def test_blocked_potrs_on_cpu_stand_in(stand_in, block):
+    """_potrs_native: trsm per diagonal block and a GEMM update between them, both directions."""
+    for d, r in [(1, 1), (37, 5), (70, 1), (130, 24)]:
+        g = spd_cov(d) * LAM
+        f = g.clone()
+        assert int(solve._potrf_native(f, True, True, KW, block=block)) == 0
+        b = torch.randn(r, d, dtype=torch.float64)
+        x = b.clone()
+        solve._potrs_native(f, x, True, torch.zeros(1, dtype=torch.int32), KW, block=block)
+        assert rel(x.mT, torch.linalg.solve(g, b.mT)) < 1e-12
+
+
+@pytest.mark.triton_loop
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through Triton need its interpreter; the cuda tests cover mixed there")
+@pytest.mark.parametrize("d,n,m", [(1, 1, 1), (70, 90, 30), (200, 120, 30), (130, 40, None)])
+def test_mixed_on_cpu_stand_in(stand_in, d, n, m):
+    """The mixed path: fp16x3 products (Triton, interpreted here) into the fp64 factor and solve.
+    Error bound: the products' float32 rounding, amplified by cond(G) < ~20 for these matrices."""
+    cov, keys = spd_cov(d), torch.randn(d, n) * 3
+    ref = truth(cov, keys)
+    if m is None:
+        a = _unchanged(solve._mixed_native, cov, keys, LAM, torch.float64)
+        assert a.shape == (d, n) and a.dtype == torch.float64 and rel(a, ref) < 2e-6
+        return
+    resid = torch.randn(m, n)
+    delta = _unchanged(solve._mixed_native, cov, keys, LAM, torch.float64, resid)
+    assert delta.shape == (m, d) and delta.dtype == torch.float64
+    assert rel(delta, resid.double() @ ref.mT) < 2e-6
+    # float64 keys keep fp64 products: float64 accuracy
+    delta = solve._mixed_native(cov, keys.double(), LAM, torch.float64, resid.double())
+    assert rel(delta, resid.double() @ ref.mT) < TOL[torch.float64]
+    with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):
+        solve._mixed_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, torch.float64, torch.randn(1, 2))
+
+
+def test_auto_picks_mixed_for_gpt_j_sizes():
+    # six GPT-J layers, 10,000 edits: mixed (fp16x3 products, fp64 factor) over woodbury
+    assert solve._auto(16384, 10_000, False, 4096, mixed=True) == "mixed"
+    assert solve._auto(16384, 10_000, True, 4096, mixed=True) == "mixed"
+    assert solve._auto(16384, 1000, False, 4096, mixed=True) == "woodbury"
+    assert solve._auto(16384, 10_000, True, 4096) == "cholesky"  # no tensor cores: fp64
+    # its fp64 work: the factor and the solve for 4096 right-hand sides, 48% of cholesky's
+    fp64 = 16384**3 / 3 + 2 * 16384**2 * 4096
+    assert fp64 < 0.5 * solve.solve_flops(16384, 10_000, "cholesky", m=4096)
+
+
+def test_mixed_on_cpu_is_the_float64_cholesky():
+    cov, keys, resid = spd_cov(30), torch.randn(30, 8), torch.randn(3, 8)
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method="mixed")
+    assert delta.dtype == torch.float64 and rel(delta, resid.double() @ truth(cov, keys).mT) < TOL[torch.float64]
 
 
 @pytest.mark.parametrize(
@@ -148,33 +254,54 @@ def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
         ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64)),
         ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64, torch.randn(2, 4))),
         ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64, torch.randn(3, 4))),
+        ("solve_mixed", lambda: (spd_cov(9), torch.randn(9, 4), LAM, torch.float64, torch.randn(2, 4))),
     ],
 )
 def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.memit_fast, op).default, args())
 
 
+def tol(method, dtype):
+    """mixed: fp16x3 products carry float32 rounding (~1e-7 relative) into G, times cond(G) < ~20."""
+    return max(TOL[dtype], 1e-5) if method == "mixed" else TOL[dtype]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense"])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense", "mixed"])
 @pytest.mark.parametrize("d,n", [(1, 1), (257, 3), (1000, 1500), (4096, 512)])
 def test_cuda_methods_match_float64(method, dtype, d, n):
     cov, keys = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda", dtype=torch.bfloat16)
     a = solve.solve_update_keys(cov, keys, LAM, method=method, dtype=dtype)
-    want_dtype = torch.float64 if method == "dense" else dtype
+    want_dtype = torch.float64 if method == "dense" else dtype  # dense: the float64 reference
     assert a.device.type == "cuda" and a.dtype == want_dtype and a.shape == (d, n)
-    assert rel(a, truth(cov, keys)) < TOL[want_dtype]
+    assert rel(a, truth(cov, keys)) < tol(method, want_dtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("method", ["cholesky", "woodbury"])
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "mixed"])
 def test_cuda_delta_weights_match_float64(method, dtype):
     d, n, m = 2000, 1200, 300
     cov, keys, resid = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda"), torch.randn(m, n, device="cuda")
+    keep = resid.clone()
     delta = solve.solve_delta_weights(cov, keys, resid, LAM, method=method, dtype=dtype)
+    assert torch.equal(resid, keep), "the solve overwrote the residuals"
     assert delta.shape == (m, d) and delta.dtype == dtype
-    assert rel(delta, resid.double().cpu() @ truth(cov, keys).mT) < TOL[dtype]
+    assert rel(delta, resid.double().cpu() @ truth(cov, keys).mT) < tol(method, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_auto_takes_mixed_at_large_sizes():
+    """d >= MIXED_MIN_D, float32 keys, many edits: auto runs mixed (the GPT-J path) at ~fp32 error."""
+    d, n, m = 4096, 3000, 1024
+    assert solve._auto(d, n, False, m, mixed=True) == "mixed"
+    cov, keys, resid = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda"), torch.randn(m, n, device="cuda")
+    want = resid.double().cpu() @ truth(cov, keys).mT
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM)
+    assert delta.dtype == torch.float64 and rel(delta, want) < tol("mixed", torch.float64)
+    exact = solve.solve_delta_weights(cov, keys.double(), resid.double(), LAM)  # float64 keys: fp64 products
+    assert rel(exact, want) < TOL[torch.float64]
 
 
 @pytest.mark.cuda

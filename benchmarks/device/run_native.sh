@@ -2,13 +2,15 @@
 # On the GPU machine, from the repository root:  bash benchmarks/device/run_native.sh
 # Builds memit_fast._native from a clean tree (one command, no internet), runs the kernel /
 # solver / native tests, the kernel benchmarks, and prints a summary last. Every stage logs to
-# $OUT (default ./device_out; 8 files) and the next stage runs whatever happened. About 6
-# minutes; every stage has a time limit and all of them fit in MEMIT_FAST_DEVICE_BUDGET seconds (default 560).
+# $OUT (default ./device_out; 8 files) and the next stage runs whatever happened. About 5
+# minutes; every stage has a time limit and all of them fit in MEMIT_FAST_DEVICE_BUDGET seconds
+# (default 450, under the 8 minutes of one device call). MEMIT_FAST_POTRF_BLOCK=0 /
+# MEMIT_FAST_POTRS_BLOCK=0 switch the blocked potrf / potrs off (one cuSOLVER call each).
 # MEMIT_FAST_BENCH_TINY=1: small benchmark sizes (to try the script on a CPU machine).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
-BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-560}
+BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-450}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 STATUS=()
@@ -38,23 +40,23 @@ stage build 150 "$OUT/build.log" env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip inst
 
 # 2. tests of the kernels, solves and native module: the GPU ones, then the CPU ones as CI runs
 #    them (no CUDA device visible: torch paths, Triton in its interpreter, the CMake compile check)
-TESTS="tests/test_native_build.py tests/test_solve.py tests/test_kernels_capture.py tests/test_kernels_covariance.py"
-stage tests_gpu 200 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -rfE -m "cuda or native" $TESTS
-stage tests_cpu 100 "$OUT/tests.log" env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -p no:cacheprovider -q -rfE \
+TESTS="tests/test_native_build.py tests/test_solve.py tests/test_kernels_capture.py tests/test_kernels_covariance.py tests/test_kernels_gram.py"
+stage tests_gpu 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -rfE -m "cuda or native" $TESTS
+stage tests_cpu 60 "$OUT/tests.log" env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -p no:cacheprovider -q -rfE \
   -m "not cuda and not native" $TESTS
 
 # 3. benchmarks: ceilings, every kernel at real sizes, table + JSON
-stage kernels_device 200 "$OUT/bench.log" "$PY" benchmarks/kernels_device.py "$OUT/kernels_device.json" \
+stage kernels_device 180 "$OUT/bench.log" "$PY" benchmarks/kernels_device.py "$OUT/kernels_device.json" \
   ${MEMIT_FAST_BENCH_TINY:+--tiny}
-stage bench_kernels 90 "$OUT/bench.log" "$PY" -m pytest -p no:cacheprovider -q benchmarks/bench_kernels.py \
+stage bench_kernels 60 "$OUT/bench.log" "$PY" -m pytest -p no:cacheprovider -q benchmarks/bench_kernels.py \
   --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
 
 # 4. what the compiler made of the covariance kernel: registers, spills, tensor-core instructions
 {
   OBJ=$(command -v cuobjdump || ls "$("$PY" -c 'import triton, os; print(os.path.dirname(triton.__file__))')"/backends/nvidia/bin/cuobjdump)
-  for f in $(ls -t ~/.triton/cache/*/_syrk_lower*.cubin 2>/dev/null | head -8); do
+  for f in $(ls -t ~/.triton/cache/*/_syrk_lower*.cubin ~/.triton/cache/*/_split_fp16x3*.cubin 2>/dev/null | head -12); do
     echo "$f"; "$OBJ" --dump-resource-usage "$f" | grep -o -E "REG:[0-9]+ STACK:[0-9]+ SHARED:[0-9]+"
-    "$OBJ" --dump-sass "$f" | grep -o -E "HGMMA\.[0-9x]+\.[A-Z0-9.]+|UTMALDG|LDGSTS|LDL|STL" | sort | uniq -c
+    "$OBJ" --dump-sass "$f" | grep -o -E "HGMMA\.[0-9x]+\.[A-Z0-9.]+|UTMALDG|LDGSTS|LDL|STL|STG\.E[.0-9A-Z]*|LDG\.E[.0-9A-Z]*" | sort | uniq -c
   done
 } >"$OUT/triton_kernels.txt" 2>&1
 
@@ -64,6 +66,6 @@ stage bench_kernels 90 "$OUT/bench.log" "$PY" -m pytest -p no:cacheprovider -q b
   echo "== native"; tail -1 "$OUT/env.txt"
   echo "== tests (gpu, then cpu)"; grep -E "^[0-9]+ (passed|failed|skipped)|no tests ran" "$OUT/tests.log" | tail -4
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -15
-  echo "== benchmarks (kernels_device table)"; sed -n '/^section /,/^=== kernels_device/p' "$OUT/bench.log" | head -60
+  echo "== benchmarks (kernels_device table)"; sed -n '/^section /,/^=== kernels_device/p' "$OUT/bench.log" | head -90
   echo "== bench_kernels"; grep -E "passed|failed" "$OUT/bench.log" | tail -1
 } | tee "$OUT/summary.txt"

@@ -67,12 +67,13 @@ def default_config(dtype: torch.dtype) -> TileConfig:
 
 @triton.jit
 def _syrk_lower_kernel(
-    x_ptr, rows_ptr, n_rows_ptr, out_ptr, tiles_ptr,
-    d, stride_x, stride_out,
+    x_ptr, y_ptr, rows_ptr, n_rows_ptr, out_ptr, tiles_ptr, scale_ptr,
+    d, stride_x, stride_y, stride_out,
     HAS_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program p: tile tiles[p] of X^T X over the first n_rows rows of x (of x[rows] if HAS_ROWS)."""
+    """Program p: tile tiles[p] of X^T Y over the first n_rows rows of x and y (of x[rows] and
+    y[rows] if HAS_ROWS); y is x for a plain X^T X."""
     pid = tl.program_id(0)
     tile_m = tl.load(tiles_ptr + 2 * pid)
     tile_n = tl.load(tiles_ptr + 2 * pid + 1)
@@ -88,24 +89,23 @@ def _syrk_lower_kernel(
             rows = tl.load(rows_ptr + offs_k, mask=in_k, other=0).to(tl.int64)
         else:
             rows = offs_k.to(tl.int64)
-        row_ptr = x_ptr + rows[:, None] * stride_x
-        a = tl.load(row_ptr + offs_m[None, :], mask=in_k[:, None] & in_m[None, :], other=0.0)  # (K, M)
-        b = tl.load(row_ptr + offs_n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)  # (K, N)
+        a = tl.load(x_ptr + rows[:, None] * stride_x + offs_m[None, :], mask=in_k[:, None] & in_m[None, :], other=0.0)  # (K, M)
+        b = tl.load(y_ptr + rows[:, None] * stride_y + offs_n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)  # (K, N)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
-    _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
+    _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, scale_ptr, ACCUMULATE, SCALE)
 
 
 @triton.jit
 def _syrk_lower_tma_kernel(
-    a_desc, b_desc, n_rows_ptr, out_ptr, tiles_ptr,
+    a_desc, b_desc, n_rows_ptr, out_ptr, tiles_ptr, scale_ptr,
     d, stride_out, n_tiles,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """As _syrk_lower_kernel without row_index, loading through the tensor memory accelerator
-    (a_desc / b_desc: x with blocks (BLOCK_K, BLOCK_M) / (BLOCK_K, BLOCK_N), zero outside x).
+    (a_desc / b_desc: x / y with blocks (BLOCK_K, BLOCK_M) / (BLOCK_K, BLOCK_N), zero outside).
     Program p does tiles p, p + programs, ...: one each on a grid of n_tiles, or persistent on a
     grid of one per SM, where FLATTEN lets the next tile's loads overlap this tile's epilogue."""
     n_rows = tl.load(n_rows_ptr)
@@ -121,13 +121,16 @@ def _syrk_lower_tma_kernel(
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
         offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE)
+        _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, scale_ptr, ACCUMULATE, SCALE)
 
 
 @triton.jit
-def _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, ACCUMULATE: tl.constexpr):
+def _write_tile(out_ptr, acc, offs_m, offs_n, d, stride_out, scale_ptr, ACCUMULATE: tl.constexpr, SCALE: tl.constexpr):
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
     mask = (offs_m[:, None] < d) & (offs_n[None, :] < d)
+    if SCALE:  # diag(c) acc diag(c): exact for powers of two
+        acc = acc * tl.load(scale_ptr + offs_m, mask=offs_m < d, other=0.0)[:, None]
+        acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < d, other=0.0)[None, :]
     if ACCUMULATE:  # a relaxed atomic add needs no second tile in registers; each tile has one owner
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:
@@ -140,8 +143,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base and row stride."""
-    return x.shape[0] > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+    """TMA needs a 16-byte aligned base and row stride (and rows of 16 bytes or more here)."""
+    return (x.shape[0] > 0 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+            and x.shape[1] * x.element_size() >= 16)
 
 
 @functools.lru_cache(maxsize=32)
@@ -163,18 +167,23 @@ def syrk_lower_(
     out: torch.Tensor,
     x: torch.Tensor,
     *,
+    y: torch.Tensor | None = None,
     row_index: torch.Tensor | None = None,
     n_rows: torch.Tensor | None = None,
     accumulate: bool = False,
+    col_scale: torch.Tensor | None = None,
     config: TileConfig | None = None,
     fp32_precision: str = "ieee",
 ) -> torch.Tensor:
-    """out[tiles on/below the diagonal] (+)= X^T X, fp32 accumulation, in place; returns out.
+    """out[tiles on/below the diagonal] (+)= diag(c) X^T Y diag(c), fp32 accumulation, in place; returns out.
 
     out: (d, d) float32, unit column stride. x: (N, d) bf16/fp16/fp32, unit column stride.
-    row_index: optional (M,) int32/int64 rows of x to use (the others are not read).
+    y: optional second operand, x's shape, dtype and device (default x: X^T X); X^T Y should be
+    symmetric, since only its lower triangle is meaningful.
+    row_index: optional (M,) int32/int64 rows of x (and y) to use (the others are not read).
     n_rows: optional int32/int64 device tensor of one element: use only the first n_rows rows
     (of row_index if given, else of x); lets a mask be applied without a host sync.
+    col_scale: optional (d,) float32 c; the tile is scaled by c_i c_j before it is stored or added.
     Entries of `out` strictly above the diagonal are written only inside diagonal tiles (with
     their true values); the others are left as they were. fp32_precision: Triton's
     input_precision for fp32 inputs ("ieee" exact, "tf32x3" ~fp32, "tf32" ~1e-3 relative).
@@ -186,9 +195,14 @@ def syrk_lower_(
         raise TypeError(f"x must be bf16, fp16 or fp32, not {x.dtype}")
     if x.stride(1) != 1 or out.stride(1) != 1 or x.device != out.device:
         raise ValueError("x and out need unit column stride and one device")
+    if y is not None and (y.shape != x.shape or y.dtype != x.dtype or y.device != x.device or y.stride(1) != 1):
+        raise ValueError(f"y must match x {tuple(x.shape)} {x.dtype} with unit column stride; got {tuple(y.shape)} {y.dtype}")
+    if col_scale is not None and (col_scale.shape != (d,) or col_scale.dtype != torch.float32 or col_scale.device != x.device):
+        raise ValueError(f"col_scale must be ({d},) float32 on {x.device}")
+    y = x if y is None else y
     cfg = config or default_config(x.dtype)
     # TMA reads whole (BLOCK_K, BLOCK) boxes, zero past the end of x: only for all rows of x
-    use_tma = cfg.tma and row_index is None and n_rows is None and _tma_ok(x)
+    use_tma = cfg.tma and row_index is None and n_rows is None and _tma_ok(x) and _tma_ok(y)
     rows = row_index if row_index is not None else x.new_empty(0, dtype=torch.int32)
     if n_rows is None:
         n_rows = torch.full((1,), len(rows) if row_index is not None else x.shape[0], dtype=torch.int32, device=x.device)
@@ -197,18 +211,20 @@ def syrk_lower_(
         ACCUMULATE=accumulate,
         PRECISION=fp32_precision if x.dtype == torch.float32 else "ieee",
         UPCAST=x.dtype == torch.bfloat16 and INTERPRET,
+        SCALE=col_scale is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )
+    scale = col_scale if col_scale is not None else out  # not read without SCALE
     if use_tma:
         a_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_m])
-        b_desc = TensorDescriptor.from_tensor(x, [cfg.block_k, cfg.block_n])
+        b_desc = TensorDescriptor.from_tensor(y, [cfg.block_k, cfg.block_n])
         programs = min(len(tiles), _sm_count(x.device)) if cfg.persistent else len(tiles)
         _syrk_lower_tma_kernel[(programs,)](
-            a_desc, b_desc, n_rows, out, tiles, d, out.stride(0), len(tiles), FLATTEN=cfg.persistent,
+            a_desc, b_desc, n_rows, out, tiles, scale, d, out.stride(0), len(tiles), FLATTEN=cfg.persistent,
             num_stages=cfg.num_stages, **common)
     else:
         _syrk_lower_kernel[(len(tiles),)](
-            x, rows, n_rows, out, tiles, d, x.stride(0), out.stride(0), HAS_ROWS=row_index is not None,
+            x, y, rows, n_rows, out, tiles, scale, d, x.stride(0), y.stride(0), out.stride(0), HAS_ROWS=row_index is not None,
             num_stages=cfg.num_stages + (2 if row_index is not None else 0), **common)
     return out
 
@@ -228,7 +244,9 @@ def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.
 class CovarianceAccumulator:
     """Running sum of x x^T and the number of rows, for one layer's keys.
 
-    d: key size; device; dtype: dtype of the keys given to `add` (bf16, fp16 or fp32).
+    d: key size; device (an index-less "cuda" means the current CUDA device; `self.device`
+    is always the indexed one that tensors report); dtype: dtype of the keys given to `add`
+    (bf16, fp16 or fp32).
     backend: "triton" (the kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the twin),
     "auto" (triton on CUDA, else torch). The state is `state()` = (sum (d, d) float64 whose lower
     triangle is valid, count int64): add both across shards to combine them.
@@ -236,12 +254,13 @@ class CovarianceAccumulator:
 
     def __init__(self, d: int, device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto",
                  fold_tokens: int = 2**18, config: TileConfig | None = None, fp32_precision: str = "ieee"):
-        self.d, self.dtype, self.device = d, dtype, torch.device(device or "cpu")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
+        self._sum = torch.zeros(d, d, dtype=torch.float64, device=device or "cpu")
+        # the device of an allocated tensor: an index-less "cuda" becomes the current device (cuda:0)
+        self.d, self.dtype, self.device = d, dtype, self._sum.device
         self.backend = ("triton" if self.device.type == "cuda" else "torch") if backend == "auto" else backend
         self.fold_tokens, self.config, self.fp32_precision = fold_tokens, config, fp32_precision
-        self._sum = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         self._count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._buf = torch.zeros(d, d, dtype=torch.float32, device=self.device) if self.backend == "triton" else None
         self._pending = 0  # rows (upper bound) in _buf since the last fold

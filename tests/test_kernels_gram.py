@@ -1,0 +1,77 @@
+"""The fp16x3 products of the solve against float64 (Triton's interpreter on CPU)."""
+
+import pytest
+import torch
+
+from memit_fast.kernels import covariance as cov
+from memit_fast.kernels import gram
+
+U = 2.0**-24
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = {"ptr": cov.TileConfig(32, 32, 16, 2, 4, 2), "tma": cov.TileConfig(32, 64, 16, 2, 4, 2, tma=True)}
+
+
+def bound(x):
+    """Relative error allowed for the lower triangle of X^T X from fp16x3: H + L holds x s to
+    2^-23 relative, dropping L^T L costs 2^-22, and fp32 sums over 3N terms cost sqrt(3N) u
+    (as in test_kernels_covariance.bound): (sqrt(3N) + 8) u || |X|^T |X| ||_F / ||X^T X||_F."""
+    x = x.double()
+    s, a = (x.mT @ x).tril(), (x.abs().mT @ x.abs()).tril()
+    return float(((3 * x.shape[0]) ** 0.5 + 8) * U * a.norm() / s.norm().clamp_min(1e-300))
+
+
+def keys_like(n, d, m):
+    """Keys (d, n) spanning six decades across rows, with a positive mean, and residuals (m, n)."""
+    k = (torch.randn(d, n, device=DEVICE) + 0.5) * torch.logspace(-3, 3, d, device=DEVICE)[:, None]
+    return k, torch.randn(m, n, device=DEVICE) * 1e-2
+
+
+def test_split_holds_each_column_to_2_to_minus_23():
+    k, r = keys_like(40, 33, 5)
+    r[:, 2] = 0.0  # a zero column
+    x1, x2, inv = gram.split_fp16x3([k.mT, r.mT])
+    n, p = 40, 38
+    assert x1.shape == (3 * n, p) == x2.shape and x1.dtype == torch.float16
+    assert (x1.stride(0) * 2) % 16 == 0, "rows must stay 16-byte aligned for TMA"
+    scale = 1 / inv.double().cpu()
+    assert torch.equal(torch.frexp(scale)[0], torch.full_like(scale, 0.5)), "scales are powers of two"
+    x = torch.cat([k.mT, r.mT], 1).double().cpu() * scale
+    amax = x.abs().amax(0)
+    assert bool(((amax >= 2**14) & (amax < 2**15) | (amax == 0)).all())
+    hi, lo = x1[:n].double().cpu(), x1[2 * n:].double().cpu()
+    assert float(((hi + lo - x).abs() / amax.clamp_min(1)).max()) < 2**-23
+    assert torch.equal(x1[n:2 * n], x1[:n]) and torch.equal(x2[:n], x1[:n]) and torch.equal(x2[2 * n:], x1[:n])
+    assert torch.equal(x2[n:2 * n], x1[2 * n:])
+
+
+@pytest.mark.triton_loop
+@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("n,d,m", [(1, 1, 1), (50, 37, 9), (120, 200, 30), (7, 64, 0)])
+def test_gram_matches_float64(name, n, d, m):
+    k, r = keys_like(n, d, m)
+    pieces = [k.mT] + ([r.mT] if m else [])
+    got = gram.gram_fp16x3(pieces, config=SMALL[name])
+    want = gram.gram_reference(pieces).cpu()
+    x = torch.cat([t.double() for t in pieces], 1)
+    err = float((got.double().cpu() - want).tril().norm() / want.tril().norm())
+    assert err < bound(x), f"relative error {err:.2e} (bound {bound(x):.2e})"
+
+
+def test_reference_twin():
+    a, b = torch.randn(5, 3), torch.randn(5, 2)
+    x = torch.cat([a, b], 1).double()
+    assert torch.allclose(gram.gram_reference([a, b]), x.mT @ x)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,d,m", [(10_000, 2048, 512), (1200, 2000, 300), (3, 4096, 0)])
+def test_cuda_gram_real_sizes(n, d, m):
+    """At GPT-J's ratios (n = 10,000; d_ff, d_model scaled by 1/8) and awkward ones, default tiles."""
+    k, r = keys_like(n, d, m)
+    pieces = [k.mT] + ([r.mT] if m else [])
+    got = gram.gram_fp16x3(pieces)
+    x = torch.cat([t.double() for t in pieces], 1)
+    want = (x.mT @ x).tril()
+    err = float((got.double().tril() - want).norm() / want.norm())
+    tol = bound(x)
+    assert err < tol, f"relative error {err:.2e} (bound {tol:.2e})"
