@@ -106,6 +106,6 @@ def test_solve_one_layer(benchmark, provider, method):
     else:
         kw = {"factor": solve.factor_scaled_cov(cov, 15000.0)} if method == "woodbury" else {}
         fn = lambda: solve.solve_delta_weights(cov, keys, resid, 15000.0, method=method, **kw)  # noqa: E731
-        counted = solve._auto(d, n, False, m, mixed=solve._native_ready(cov) and d >= solve.MIXED_MIN_D) if method == "auto" else method
+        counted = solve._auto(d, n, False, m) if method == "auto" else method
         flops = solve.solve_flops(d, n, counted, factored=method == "woodbury", m=m)
     run(benchmark, fn, flops=flops, rounds=3, d=d, n=n, m=m, method=method)

@@ -310,12 +310,12 @@ def solve_section(ceil: dict, tiny: bool) -> None:
         ms = bench(lambda: solve.solve_delta_weights(cov, keys[0], resid[0], LAM, method="dense"), reps=1, warmup=1)
         record("solve", "dense twin fp64 (dW), one layer x6", ms * layers,
                flops=layers * solve.solve_flops(d, n, "dense", m=m), ceiling=fp64_peak, provider="reference", **shape)
-        mixed_ok = native.available() and d >= solve.MIXED_MIN_D
-        auto = solve._auto(d, n, False, m, mixed=mixed_ok)
-        auto_f = solve._auto(d, n, True, m, mixed=mixed_ok)
+        auto = solve._auto(d, n, False, m)
+        auto_f = solve._auto(d, n, True, m)
         runs = [
             (f"auto (= {auto}) dW", {}, auto, False),
             (f"auto + cached factor (= {auto_f}) dW", {"factor": factor}, auto_f, True),
+            ("woodbury + cached factor dW fp64", {"method": "woodbury", "factor": factor}, "woodbury", True),
             ("mixed dW (fp16x3 products + fp64)", {"method": "mixed"}, "mixed", False),
             ("cholesky dW fp64", {"method": "cholesky"}, "cholesky", False),
             ("cholesky dW float32", {"method": "cholesky", "dtype": torch.float32}, "cholesky", False),

@@ -229,13 +229,11 @@ def test_mixed_on_cpu_stand_in(stand_in, d, n, m):
         solve._mixed_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, torch.float64, torch.randn(1, 2))
 
 
-def test_auto_picks_mixed_for_gpt_j_sizes():
-    # six GPT-J layers, 10,000 edits: mixed (fp16x3 products, fp64 factor) over woodbury
-    assert solve._auto(16384, 10_000, False, 4096, mixed=True) == "mixed"
-    assert solve._auto(16384, 10_000, True, 4096, mixed=True) == "mixed"
-    assert solve._auto(16384, 1000, False, 4096, mixed=True) == "woodbury"
-    assert solve._auto(16384, 10_000, True, 4096) == "cholesky"  # no tensor cores: fp64
-    # its fp64 work: the factor and the solve for 4096 right-hand sides, 48% of cholesky's
+def test_auto_never_picks_mixed():
+    """mixed is opt-in (float32-level products); auto stays float64-accurate."""
+    assert solve._auto(16384, 10_000, False, 4096) == "cholesky"
+    assert solve._auto(16384, 1000, False, 4096) == "woodbury"
+    # mixed's fp64 work: the factor and the solve for 4096 right-hand sides, 48% of cholesky's
     fp64 = 16384**3 / 3 + 2 * 16384**2 * 4096
     assert fp64 < 0.5 * solve.solve_flops(16384, 10_000, "cholesky", m=4096)
 
@@ -292,15 +290,14 @@ def test_cuda_delta_weights_match_float64(method, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_auto_takes_mixed_at_large_sizes():
-    """d >= MIXED_MIN_D, float32 keys, many edits: auto runs mixed (the GPT-J path) at ~fp32 error."""
+def test_cuda_mixed_at_large_sizes():
+    """mixed (asked for): fp16x3 products at ~fp32 error; float64 keys keep fp64 products."""
     d, n, m = 4096, 3000, 1024
-    assert solve._auto(d, n, False, m, mixed=True) == "mixed"
     cov, keys, resid = spd_cov(d, "cuda"), torch.randn(d, n, device="cuda"), torch.randn(m, n, device="cuda")
     want = resid.double().cpu() @ truth(cov, keys).mT
-    delta = solve.solve_delta_weights(cov, keys, resid, LAM)
+    delta = solve.solve_delta_weights(cov, keys, resid, LAM, method="mixed")
     assert delta.dtype == torch.float64 and rel(delta, want) < tol("mixed", torch.float64)
-    exact = solve.solve_delta_weights(cov, keys.double(), resid.double(), LAM)  # float64 keys: fp64 products
+    exact = solve.solve_delta_weights(cov, keys.double(), resid.double(), LAM, method="mixed")
     assert rel(exact, want) < TOL[torch.float64]
 
 

@@ -259,7 +259,9 @@ class CovarianceAccumulator:
         self._sum = torch.zeros(d, d, dtype=torch.float64, device=device or "cpu")
         # the device of an allocated tensor: an index-less "cuda" becomes the current device (cuda:0)
         self.d, self.dtype, self.device = d, dtype, self._sum.device
-        self.backend = ("triton" if self.device.type == "cuda" else "torch") if backend == "auto" else backend
+        # The kernel takes 16- and 32-bit floats; float64 keys (a float64 model) use the twin.
+        kernel_ok = self.device.type == "cuda" and dtype != torch.float64
+        self.backend = ("triton" if kernel_ok else "torch") if backend == "auto" else backend
         self.fold_tokens, self.config, self.fp32_precision = fold_tokens, config, fp32_precision
         self._count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._buf = torch.zeros(d, d, dtype=torch.float32, device=self.device) if self.backend == "triton" else None
