@@ -86,9 +86,11 @@ _STARTS = ("The", "In", "A", "It", "He", "She", "This", "On", "After", "During",
 
 
 @torch.no_grad()
-def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[str]:
-    """n documents of `length` tokens sampled from the model (temperature 1, top-k 50); document i
-    is seeded with (seed, i), so the batch size does not change the text."""
+def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: int = 128, progress: bool = True,
+                 starts: tuple[str, ...] = _STARTS, top_k: int = 50) -> list[str]:
+    """n documents of `length` tokens (the start word's included) sampled from the model
+    (temperature 1, top-k), starting from starts[i % len(starts)]; document i is seeded with
+    (seed, i), so the batch size does not change the text."""
     from tqdm.auto import tqdm
 
     from .model_access import model_device
@@ -100,8 +102,7 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
         b = min(batch_size, n - len(texts))
         docs = range(len(texts), len(texts) + b)
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in docs]  # per document: batching does not matter
-        starts = [_STARTS[i % len(_STARTS)] for i in docs]
-        ids = [tok(s)["input_ids"] for s in starts]
+        ids = [tok(starts[i % len(starts)])["input_ids"] for i in docs]
         width = max(map(len, ids))
         # Left-pad the (one or two token) starts so every row continues at the same column.
         input_ids = torch.tensor([[ids[0][0]] * (width - len(r)) + r for r in ids], device=device)
@@ -112,7 +113,7 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
             res = model(input_ids=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
             past = res.past_key_values
             probs = res.logits[:, -1].float().softmax(-1)
-            top_p, top_i = probs.topk(50, dim=-1)
+            top_p, top_i = probs.topk(top_k, dim=-1)
             top_p = top_p.cpu()
             pick = torch.stack([torch.multinomial(top_p[r], 1, generator=g) for r, g in enumerate(gens)]).to(device)
             cur = top_i.gather(-1, pick)

@@ -91,7 +91,7 @@ def is_default_model(config) -> bool:
 
 
 def smollm2_135m() -> MEMITHyperParams:
-    """Tuned for SmolLM2-135M (docs/presets.md says how): the Llama-family settings with
+    """Tuned for SmolLM2-135M (README.md, "Hyper-parameters and presets", says how): the Llama-family settings with
     lambda 2000, and statistics from 300 documents of 64 tokens sampled from the model itself,
     so the default model edits offline with no corpus at hand."""
     return MEMITHyperParams(

@@ -7,28 +7,16 @@ averaged within each group, then across groups (section 3).
 
 from __future__ import annotations
 
-import torch
-
-from .model_access import model_device
+from .corpus import sample_texts
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
-@torch.no_grad()
 def generate_context_templates(model, tok, *, seed: int = 0, length: int = 10, top_k: int = 5) -> list[list[str]]:
-    """[["{}"], [t_1..t_5]]: one sample per start word, `length` tokens in all, top-k sampling."""
-    device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
-    prefixed = []
-    for start in STARTS:
-        ids = list(tok(start)["input_ids"])
-        while len(ids) < length:
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
-            top_p, top_i = logits.softmax(-1).topk(top_k)
-            ids.append(int(top_i[torch.multinomial(top_p.cpu(), 1, generator=gen)]))
-        text = tok.decode(ids, skip_special_tokens=True)
-        prefixed.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    return [["{}"], prefixed]
+    """[["{}"], [t_1..t_5]]: one sample per start word, `length` tokens in all, top-k sampling,
+    the five sampled together."""
+    texts = sample_texts(model, tok, len(STARTS), length, seed=seed, starts=STARTS, top_k=top_k, progress=False)
+    return [["{}"], [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]]
 
 
 def normalize_templates(templates) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """The evaluation on the real default model (SmolLM2-135M): scoring and generation agree with
 their plain twins, and `memit-fast eval` runs end to end, unedited and edited, on a few records
-of each dataset (CPU). The edit tests need the editing core (memit_fast.apply)."""
+of each dataset (CPU)."""
 
 import argparse
 import json
@@ -26,15 +26,9 @@ def data_dir() -> Path:
     pytest.skip("shared/data (counterfact_250.json, zsre_eval_300.json) not found; set MEMIT_FAST_DATA")
 
 
-def need(name: str):
-    if not hasattr(memit_fast, name):
-        pytest.skip(f"memit_fast.{name} does not exist yet (the editing core is not merged)")
-    return getattr(memit_fast, name)
-
-
 @pytest.fixture(scope="module")
 def default_model():
-    return need("load_default_model")(device="cpu")
+    return memit_fast.load_default_model(device="cpu")
 
 
 def test_projected_scoring_equals_full_logits_and_batching(default_model, monkeypatch):
@@ -86,8 +80,6 @@ def _eval_args(tmp_path, stats_dir, *extra):
     ],
 )
 def test_eval_command_edits_and_restores(tmp_path, stats_dir, capsys, dataset, n, extra):
-    need("apply")
-    need("load_default_model")
     args = _eval_args(tmp_path, stats_dir, "--data", str(data_dir() / dataset), "--edits", str(n), *extra)
     assert cli.run(args) == 0  # run_evaluation checks the restored weights bit for bit
     res = json.loads((tmp_path / "r.json").read_text())
@@ -104,7 +96,6 @@ def test_eval_command_edits_and_restores(tmp_path, stats_dir, capsys, dataset, n
 
 
 def test_eval_command_unedited_only(tmp_path, stats_dir):
-    need("load_default_model")
     args = _eval_args(tmp_path, stats_dir, "--data", str(data_dir() / "zsre_eval_300.json"), "--edits", "2", "--no-edit")
     assert cli.run(args) == 0
     res = json.loads((tmp_path / "r.json").read_text())

@@ -18,11 +18,15 @@ ARCHS = ("gpt2", "gptj", "gpt_neox", "llama")
 
 
 def corpus_lines(n: int | None = None) -> list[str]:
-    """WikiText-2 test lines from ../shared/data when present, else a fixed text."""
+    """WikiText-2 test lines from ../shared/data when present, else seeded sentences of random
+    words (varied enough that the statistics of the tiny models have full rank)."""
     if WIKITEXT.exists():
         lines = [line.strip() for line in WIKITEXT.open(encoding="utf-8") if line.strip()]
     else:
-        lines = [s.strip() + "." for s in _FALLBACK_TEXT.split(".") if s.strip()]
+        import random
+
+        rng, words = random.Random(0), _FALLBACK_TEXT.split()
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) for _ in range(3000)]
     return lines[:n] if n else lines
 
 
