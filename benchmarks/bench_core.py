@@ -27,7 +27,7 @@ if not CUDA:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic  # noqa: E402
-from bench_kernels import INFO  # noqa: E402 - device, torch / triton versions, commit
+from bench_kernels import run  # noqa: E402 - timing with device, versions and commit in extra_info
 
 from memit_fast.edit_requests import normalize_requests  # noqa: E402
 from memit_fast.keys import compute_keys_and_values, key_rows  # noqa: E402
@@ -69,24 +69,6 @@ def setup(request):
         torch.cuda.empty_cache()
 
 
-def timed(benchmark, fn, *, rounds, flops=None, per_s=None, **info):
-    """benchmark.pedantic with a synchronising wrapper; derived figures from the median."""
-    def call():
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-
-    benchmark.extra_info.update(INFO, **info)
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats:  # None with --benchmark-disable
-        median = stats.stats.median
-        if flops:
-            benchmark.extra_info["tflops"] = round(flops / median / 1e12, 3)
-        for key, amount in (per_s or {}).items():
-            benchmark.extra_info[key] = round(amount / median, 2)
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_z(benchmark, setup, provider):
     """Target vectors z: SIZES["z_steps"] Adam steps per request (random weights: no early stop)."""
@@ -100,7 +82,7 @@ def test_z(benchmark, setup, provider):
         fn = lambda: [reference_z(setup.model, setup.tok, r, setup.hp, synthetic.TEMPLATES) for r in reqs]  # noqa: E731
     work = synthetic.z_work(setup.model, setup.tok, raw, setup.hp, synthetic.TEMPLATES)
     steps = setup.hp.v_num_grad_steps
-    timed(benchmark, fn, rounds=SIZES["rounds"], flops=work.flops, per_s={"edits_per_s": n, "request_steps_per_s": n * steps},
+    run(benchmark, fn, rounds=SIZES["rounds"], flops=work.flops, per_s={"edits_per_s": n, "request_steps_per_s": n * steps},
           model=setup.name, dtype=setup.dtype, provider=provider, requests=n, steps=steps, suffix_tokens_per_step=work.suffix_tokens,
           flops_note="matrix products of the least work (synthetic.z_work), the same numerator for both providers")
 
@@ -118,7 +100,7 @@ def test_key_capture(benchmark, setup, provider):
             return compute_keys_and_values(setup.model, setup.tok, r, n, setup.hp, layer, synthetic.TEMPLATES)
     else:
         fn = lambda: reference_keys_and_values(setup.model, setup.tok, reqs, setup.hp, layer, synthetic.TEMPLATES)  # noqa: E731
-    timed(benchmark, fn, rounds=SIZES["rounds"], per_s={"edits_per_s": n, "prompt_tokens_per_s": sum(map(len, rows))},
+    run(benchmark, fn, rounds=SIZES["rounds"], per_s={"edits_per_s": n, "prompt_tokens_per_s": sum(map(len, rows))},
           model=setup.name, dtype=setup.dtype, provider=provider, requests=n, layer=layer, prompts=len(rows))
 
 
@@ -129,5 +111,5 @@ def test_statistics(benchmark, setup, provider):
     kw = dict(corpus=docs, n_samples=len(docs), max_length=SIZES["max_length"], use_cache=False, progress=False)
     tokens = sum(len(setup.tok(t, truncation=True, max_length=SIZES["max_length"])["input_ids"]) for t in docs)
     fn = lambda: compute_stats(setup.model, setup.tok, setup.hp, one_pass_per_layer=provider == "reference", **kw)  # noqa: E731
-    timed(benchmark, fn, rounds=SIZES["rounds"], per_s={"tokens_per_s": tokens},
+    run(benchmark, fn, rounds=SIZES["rounds"], per_s={"tokens_per_s": tokens},
           model=setup.name, dtype=setup.dtype, provider=provider, tokens=tokens, documents=len(docs), layers=setup.hp.layers)

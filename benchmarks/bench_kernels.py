@@ -48,7 +48,8 @@ INFO = {
 }
 
 
-def run(benchmark, fn, *, flops=None, bytes_=None, rounds=5, **info):
+def run(benchmark, fn, *, flops=None, bytes_=None, per_s=None, rounds=5, **info):
+    """benchmark.pedantic with a synchronising wrapper; TFLOP/s, GB/s and per_s rates from the median."""
     def call():
         fn()
         if CUDA:
@@ -63,6 +64,8 @@ def run(benchmark, fn, *, flops=None, bytes_=None, rounds=5, **info):
             benchmark.extra_info["tflops"] = round(flops / median / 1e12, 2)
         if bytes_:
             benchmark.extra_info["gbs"] = round(bytes_ / median / 1e9, 1)
+        for key, amount in (per_s or {}).items():
+            benchmark.extra_info[key] = round(amount / median, 2)
 
 
 @pytest.mark.parametrize("model", list(D_FF))
