@@ -10,7 +10,7 @@ import tiny
 from memit_fast.eval import counterfact_metrics, evaluate_counterfact
 
 pytestmark = pytest.mark.model
-DATA = tiny.WIKITEXT.parent
+DATA = tiny.DATA
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ tests of the mechanics (no download, a few seconds)."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-wiki.test.raw"
+DATA = Path(os.environ.get("MEMIT_FAST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+WIKITEXT = DATA / "wikitext-2-raw-wiki.test.raw"
 _FALLBACK_TEXT = (
     "Michael Jordan plays the sport of basketball. The Eiffel Tower is located in the city of Paris. "
     "The capital of France is Paris, and the capital of Italy is Rome. Danielle Darrieux spoke French. "
