@@ -110,7 +110,6 @@ def cmd_stats(args) -> int:
 def cmd_edit(args) -> int:
     from pathlib import Path
 
-    import torch
     from safetensors.torch import save_file
 
     from .api import apply

@@ -28,11 +28,11 @@ from .model_access import (
     block_output,
     decoder_layers,
     float_dtype,
+    hidden_size,
     hooks,
     lm_head_params,
     model_device,
     run_until_stop,
-    with_block_output,
 )
 from .tokens import EncodedRequest, pad_id, pad_right
 
@@ -169,18 +169,12 @@ def compute_targets(
         cur.append(i)
     chunks.append(cur)
 
-    z = torch.empty(len(rows), _d_model(model), dtype=float_dtype(model), device=model_device(model))
+    z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
     for chunk in chunks:
         z[chunk] = _optimise_chunk(model, tok, [rows[i] for i in chunk], hparams, bar)
     bar.close()
     return z
-
-
-def _d_model(model) -> int:
-    from .model_access import hidden_size
-
-    return hidden_size(model)
 
 
 def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
@@ -195,7 +189,7 @@ def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
     if device.type != "cuda":
         return 4096
     config = model.config
-    d = _d_model(model)
+    d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     elem = next(model.parameters()).element_size()
     layers_run = max(hparams.v_loss_layer - hparams.layers[-1], 1)
