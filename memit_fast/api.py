@@ -69,7 +69,7 @@ def apply(
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
             encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
         with timer("statistics"):
-            covs = _covariances(model, tok, hparams, stats, corpus, cache_dir, seed, progress, mode)
+            covs = _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode)
         backup = {w.name: w.param.detach().clone() for w in weights}  # on the weights' device: a fast rollback
         try:
             if mode == "reference":
@@ -92,22 +92,25 @@ def restore(model, orig_weights: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _covariances(model, tok, hparams, stats, corpus, cache_dir, seed, progress, mode) -> dict[int, torch.Tensor]:
-    """{layer: C^l} from `stats` as given, else from compute_stats (one pass per layer in reference mode)."""
+def _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode) -> dict[int, torch.Tensor]:
+    """{layer: C^l} from `stats` as given, else from compute_stats (one pass per layer in reference
+    mode); the identity for every layer when hparams.mom2_adjustment is off."""
+    if not hparams.mom2_adjustment:
+        return {w.layer: torch.eye(w.d_ff) for w in weights}
     if stats is None:
         stats = compute_stats(
             model, tok, hparams, corpus=corpus, cache_dir=cache_dir, seed=seed, progress=progress, one_pass_per_layer=mode == "reference"
         )
     covs = {}
-    for layer, w in zip(hparams.layers, rewrite_weights(model, hparams)):
-        if layer not in stats:
-            raise StatsError(f"no statistics for layer {layer}")
-        s = stats[layer]
+    for w in weights:
+        if w.layer not in stats:
+            raise StatsError(f"no statistics for layer {w.layer}")
+        s = stats[w.layer]
         mom2, count = (s.mom2, s.count) if isinstance(s, LayerStats) else (s, 1)
-        check_stats(mom2, count, f"statistics of layer {layer}")
+        check_stats(mom2, count, f"statistics of layer {w.layer}")
         if mom2.shape[0] != w.d_ff:
-            raise StatsError(f"statistics of layer {layer} are {tuple(mom2.shape)}, the layer's keys have d_ff={w.d_ff}")
-        covs[layer] = mom2 if hparams.mom2_adjustment else torch.eye(w.d_ff, dtype=mom2.dtype)
+            raise StatsError(f"statistics of layer {w.layer} are {tuple(mom2.shape)}, the layer's keys have d_ff={w.d_ff}")
+        covs[w.layer] = mom2
     return covs
 
 

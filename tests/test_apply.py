@@ -192,3 +192,21 @@ def test_not_positive_definite_statistics():
     with pytest.raises(SolveError):
         _edit(m, hp, zero, solve_method="cholesky")
     assert _unchanged(m, before)
+
+
+def test_without_mom2_adjustment_no_statistics_are_needed(monkeypatch):
+    """mom2_adjustment False: C is the identity, no statistics are computed."""
+    from memit_fast import api
+
+    m = tiny.model("llama")
+    hp = tiny.hparams(m, mom2_adjustment=False)
+    monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("statistics computed"))
+    before = _snapshot(m)
+    ident = {layer: LayerStats(torch.eye(96, dtype=torch.float64), 1) for layer in hp.layers}
+    _edit(m, hp, None)
+    without = _snapshot(m)
+    memit_fast.restore(m, before)
+    _edit(m, hp.replace(mom2_adjustment=True), ident)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p, without[n], rtol=0, atol=1e-12), n
+    assert not _unchanged(m, before)
