@@ -37,6 +37,16 @@ def _digest(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def is_local(spec) -> bool:
+    """A list of strings or a text file: loaded at once, without the model or the network."""
+    return isinstance(spec, (list, tuple)) or (isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec))
+
+
+def remote_corpus_id(spec: str, max_length: int, seed: int) -> str:
+    """The id of a corpus that is not local ("model" or a dataset name), known before loading it."""
+    return f"model-sampled-seed{seed}-len{max_length}" if spec == "model" else f"hf-{spec}"
+
+
 def load_corpus(spec, n_samples: int, *, model=None, tok=None, max_length: int = 128, seed: int = 0, progress: bool = True) -> Corpus:
     """The first `n_samples` documents of `spec` (see the module docstring)."""
     if isinstance(spec, (list, tuple)):
@@ -57,7 +67,7 @@ def load_corpus(spec, n_samples: int, *, model=None, tok=None, max_length: int =
         if model is None or tok is None:
             raise StatsError("corpus 'model' needs the model and tokenizer")
         texts = sample_texts(model, tok, n_samples, max_length, seed=seed, progress=progress)
-        return Corpus(texts, f"model-sampled-seed{seed}-len{max_length}")
+        return Corpus(texts, remote_corpus_id(spec, max_length, seed))
     return _load_hf_dataset(spec, n_samples)
 
 
@@ -78,7 +88,7 @@ def _load_hf_dataset(name: str, n_samples: int) -> Corpus:
                 break
     except Exception as e:
         raise StatsError(f"cannot load dataset {name!r} ({type(e).__name__}: {e}); {hint}") from None
-    return Corpus(texts, f"hf-{path.replace('/', '_')}-{config}-{_digest(texts)}")
+    return Corpus(texts, remote_corpus_id(name, 0, 0))
 
 
 # A neutral set of first words for sampling documents from a model.

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .corpus import load_corpus
+from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams
 from .kernels.covariance import CovarianceAccumulator
@@ -197,7 +197,8 @@ def compute_stats(
     dtype = getattr(torch, hparams.mom2_dtype)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    corpus_id = _corpus_id(corpus, n_samples, max_length, seed)
+    local = load_corpus(corpus, n_samples) if is_local(corpus) else None  # read once: id and texts
+    corpus_id = local.id if local else remote_corpus_id(corpus, max_length, seed)
     fp = model_fingerprint(model, hparams)
     keys = {layer: StatsKey(fp, hparams.rewrite_module_tmp.format(layer), corpus_id, n_samples, max_length, hparams.mom2_dtype) for layer in layers}
     out: dict[int, LayerStats] = {}
@@ -209,7 +210,7 @@ def compute_stats(
     if not todo:
         return out
 
-    texts = load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress).texts
+    texts = (local or load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress)).texts
     groups = [[layer] for layer in todo] if one_pass_per_layer else [todo]
     for group in groups:
         names = [keys[layer].module for layer in group]
@@ -222,20 +223,6 @@ def compute_stats(
             if use_cache:
                 save_stats(keys[layer].path(cache_dir), keys[layer], stats)
     return {layer: out[layer] for layer in layers}
-
-
-def _corpus_id(corpus, n_samples: int, max_length: int, seed: int) -> str:
-    """The cache id of a corpus without loading it where possible (files hash their text)."""
-    from .corpus import _digest
-
-    if isinstance(corpus, (list, tuple)):
-        return f"texts-{_digest([t for t in corpus if isinstance(t, str) and t.strip()][:n_samples])}"
-    spec = os.fspath(corpus)
-    if os.path.isfile(spec):
-        return load_corpus(spec, n_samples).id
-    if spec == "model":
-        return f"model-sampled-seed{seed}-len{max_length}"
-    return f"hf-{spec}"
 
 
 def _context_cap(model) -> int:

@@ -34,7 +34,7 @@ from .model_access import (
     model_device,
     run_until_stop,
 )
-from .tokens import EncodedRequest, pad_id, pad_right
+from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
 STOP_LOSS = 5e-2  # the original's early-stop threshold
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the original uses
@@ -159,15 +159,8 @@ def compute_targets(
     rows = [build_rows(r) for r in requests]
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
-    order = sorted(range(len(rows)), key=lambda i: max(len(ids) - s for ids, s in zip(rows[i].ids, rows[i].lookup)))
-    chunks, cur = [], []
-    for i in order:
-        width = max(max(len(ids) - s for ids, s in zip(rows[j].ids, rows[j].lookup)) for j in cur + [i])
-        if cur and (len(cur) + 1) * len(rows[i].ids) * width > budget:
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    chunks.append(cur)
+    padded = [len(r.ids) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
+    chunks = length_batches(padded, budget)
 
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)

@@ -77,3 +77,13 @@ def _step0_loss(m, tok, request, hp):
             pos = torch.arange(len(rows.target)) + start
             nll.append(-lp[pos, torch.tensor(rows.target)].mean())
     return float(torch.stack(nll).mean())
+
+
+def test_chunking_does_not_change_z():
+    """Chunks of one request each (a budget below any request) give the batched z."""
+    m, tok = tiny.model("gptj"), tiny.tokenizer()
+    hp = tiny.hparams(m)
+    reqs = normalize_requests(tiny.REQUESTS)
+    together = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
+    one_by_one = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, chunk_tokens=1, progress=False)
+    assert _rel(one_by_one, together) < 1e-9
