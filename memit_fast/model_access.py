@@ -110,10 +110,6 @@ def with_block_output(output, hidden: torch.Tensor):
     return hidden
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once everything needed has been read."""
-
-
 @contextlib.contextmanager
 def hooks(*handles_or_none):
     """Remove the given hook handles on exit."""
@@ -125,23 +121,11 @@ def hooks(*handles_or_none):
             h.remove()
 
 
-def run_until_stop(fn, *args, **kwargs) -> None:
-    """Call fn and swallow the StopForward that a hook raises to end it early."""
-    try:
-        fn(*args, **kwargs)
-    except StopForward:
-        pass
-
-
 def lm_head_params(model: nn.Module, hparams: MEMITHyperParams) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """(final norm module, lm_head weight (vocab, d_model), lm_head bias or None)."""
     ln_f = get_module(model, hparams.ln_f_module)
     head = get_module(model, hparams.lm_head_module)
     return ln_f, head.weight, getattr(head, "bias", None)
-
-
-def decoder_layers(model: nn.Module, hparams: MEMITHyperParams) -> list[nn.Module]:
-    return [get_module(model, hparams.layer_module_tmp.format(i)) for i in range(num_layers(model.config))]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -12,12 +12,21 @@ Shapes: B rows, S tokens, P prefix tokens, d = d_model, H heads, h_d head size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fused_activation(act: nn.Module):
+    """The MLP activation as one fused kernel where transformers spells it out element by element:
+    GELU's tanh form (`gelu_new`, GPT-2 and GPT-J: eight eager kernels, each keeping its input for
+    the backward pass) is F.gelu(approximate="tanh"), the same function up to rounding."""
+    if type(act).__name__ == "NewGELUActivation":
+        return functools.partial(F.gelu, approximate="tanh")
+    return act
 
 
 @dataclass

@@ -4,28 +4,13 @@ needs nothing beyond the hyper-parameters' module templates."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..model_access import get_module
+from ..model_access import block_output, get_module, hooks
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once everything needed has been read."""
-
-
-def _output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@contextlib.contextmanager
-def _hooked(*handles):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _until_stop(fn, **kwargs) -> None:
@@ -46,6 +31,14 @@ class GenericLayout:
         self.base = model.base_model
         self.final_norm = get_module(model, hparams.ln_f_module)
         self.lm_head = get_module(model, hparams.lm_head_module)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
 
     def w_out(self, i: int):
         return get_module(self.model, self.hparams.rewrite_module_tmp.format(i))
@@ -68,7 +61,7 @@ class GenericLayout:
 
             return read
 
-        with _hooked(*[self.w_out(i).register_forward_pre_hook(hook(i)) for i in layers]):
+        with hooks(*[self.w_out(i).register_forward_pre_hook(hook(i)) for i in layers]):
             _until_stop(self.base, input_ids=ids, attention_mask=mask, use_cache=False)
 
     @torch.no_grad()
@@ -79,10 +72,10 @@ class GenericLayout:
             got["key"] = args[0]
 
         def read_out(_m, _args, out):
-            got["out"] = _output(out)
+            got["out"] = block_output(out)
             raise _Stop
 
-        with _hooked(self.w_out(key_layer).register_forward_pre_hook(read_key), self.block_module(out_layer).register_forward_hook(read_out)):
+        with hooks(self.w_out(key_layer).register_forward_pre_hook(read_key), self.block_module(out_layer).register_forward_hook(read_out)):
             _until_stop(self.base, input_ids=ids, attention_mask=mask, use_cache=False)
         return got["key"], got["out"]
 
@@ -110,10 +103,10 @@ class _HooksRunner:
 
             def read(_m, _args, out):
                 self.as_tuple = isinstance(out, (tuple, list))
-                got["h"] = _output(out)
+                got["h"] = block_output(out)
                 raise _Stop
 
-            with _hooked(self.blocks[layer].register_forward_hook(read)):
+            with hooks(self.blocks[layer].register_forward_hook(read)):
                 _until_stop(layout.base, **self._inputs())
         self.hidden = got["h"]
 
@@ -137,14 +130,14 @@ class _HooksRunner:
         got = {}
 
         def read(_m, _args, out):
-            got["h"] = _output(out)
+            got["h"] = block_output(out)
             raise _Stop
 
         for i in range(self.layer):
             self.blocks[i].forward = lambda *a, **k: wrap(a[0] if a else k["hidden_states"])
         self.blocks[self.layer].forward = lambda *a, **k: wrap(h)
         try:
-            with _hooked(self.blocks[self.stop].register_forward_hook(read)):
+            with hooks(self.blocks[self.stop].register_forward_hook(read)):
                 _until_stop(self.layout.base, **self._inputs())
         finally:
             for i in range(self.layer + 1):

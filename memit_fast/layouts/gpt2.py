@@ -4,7 +4,7 @@ is gelu(c_fc(x)); attention scaled as the config says (scale_attn_weights, by in
 
 from __future__ import annotations
 
-from .base import Layout
+from .base import Layout, fused_activation
 
 
 class GPT2Layout(Layout):
@@ -17,6 +17,7 @@ class GPT2Layout(Layout):
         c = self.config
         self.n_heads = self.n_kv_heads = c.n_head
         self.head_dim = c.n_embd // c.n_head
+        self.act = fused_activation(self.blocks[0].mlp.act)
 
     def embed(self, ids, positions):
         return self.wte(ids) + self.wpe(positions)
@@ -41,8 +42,7 @@ class GPT2Layout(Layout):
         return self.blocks[i].ln_2(h)
 
     def mlp_key(self, i, x):
-        mlp = self.blocks[i].mlp
-        return mlp.act(mlp.c_fc(x))
+        return self.act(self.blocks[i].mlp.c_fc(x))
 
     def mlp_out(self, i, a):
         return self.blocks[i].mlp.c_proj(a)

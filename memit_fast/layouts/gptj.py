@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Layout
+from .base import Layout, fused_activation
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,7 @@ class GPTJLayout(Layout):
         c = self.config
         self.n_heads = self.n_kv_heads = c.n_head
         self.head_dim = c.n_embd // c.n_head
+        self.act = fused_activation(self.blocks[0].mlp.act)
         self.rotary_dim = c.rotary_dim or self.head_dim
         # the sinusoid frequencies exactly as transformers builds them (float32)
         self.inv_freq = 1.0 / (10000 ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.int64) / self.rotary_dim))
@@ -60,8 +61,7 @@ class GPTJLayout(Layout):
     norm_mlp = norm_attn
 
     def mlp_key(self, i, x):
-        mlp = self.blocks[i].mlp
-        return mlp.act(mlp.fc_in(x))
+        return self.act(self.blocks[i].mlp.fc_in(x))
 
     def mlp_out(self, i, a):
         return self.blocks[i].mlp.fc_out(a)
