@@ -102,11 +102,16 @@ def compute_targets(
     chunk_tokens: int | None = None,
     progress: bool = True,
     layout=None,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor:
     """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one
     row per request (encoded with `tokens.encode_requests`). layout: the model's
-    `memit_fast.layouts` layout (resolved here when not given)."""
+    `memit_fast.layouts` layout (resolved here when not given). cuda_graphs: replay each chunk's
+    blocks L+1..v_loss_layer (forward and backward) from a CUDA graph while its batch keeps its
+    rows (default: on CUDA)."""
     layout = layout or layout_for(model, hparams)
+    if cuda_graphs is None:
+        cuda_graphs = model_device(model).type == "cuda"
     rows = [build_rows(r) for r in requests]
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
@@ -116,7 +121,7 @@ def compute_targets(
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
     for chunk in chunks:
-        z[chunk] = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar)
+        z[chunk] = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
     bar.close()
     if not torch.isfinite(z).all():
         raise TargetError("a target vector z is NaN or inf")
@@ -144,7 +149,7 @@ def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
     return int(max(1024, min(0.3 * free, 20 * 2**30) / per_token))
 
 
-def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar) -> torch.Tensor:
+def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> torch.Tensor:
     device = model_device(model)
     B, n_rows = len(rows), len(rows[0].ids)
     n_t = n_rows - 1
@@ -163,11 +168,16 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
     active = torch.arange(B, device=device)
     h_active = h_L
     head_w, head_b = layout.lm_head.weight.T, getattr(layout.lm_head, "bias", None)
+    forward = runner.forward
+    if cuda_graphs and loss_layer > L and hp.v_num_grad_steps > 4:
+        # the chunk's shapes stay fixed until a request leaves: capture the blocks' forward and
+        # backward once (three warm-up runs, then the graphs) and replay them each step
+        forward = torch.cuda.make_graphed_callables(runner.forward, (h_L.detach().clone().requires_grad_(),))
     for it in range(hp.v_num_grad_steps):
         shift = torch.zeros_like(h_active[:, :1])
         shift[:, 0] = delta[active].repeat_interleave(n_rows, 0).to(h_L.dtype)
         edited = torch.cat([h_active[:, :1] + shift, h_active[:, 1:]], dim=1)
-        final = edited if loss_layer == L else runner.forward(edited)
+        final = edited if loss_layer == L else forward(edited)
         final = final.view(len(active), n_rows, *final.shape[1:])
 
         # NLL of the targets, averaged per prompt over its target tokens, then over prompts.
@@ -208,6 +218,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
             rows_kept = (keep.nonzero()[:, 0, None] * n_rows + torch.arange(n_rows, device=device)).reshape(-1)
             h_active = h_active[rows_kept]
             runner.select(rows_kept)
+            forward = runner.forward  # new shapes: eager from here on
         active = active[keep]
     return h_init + delta.detach()
 
