@@ -24,7 +24,7 @@ import synthetic  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
-    ap.add_argument("--chunk-tokens", default="2048,4096")
+    ap.add_argument("--chunk-tokens", default="2048,4096", help="comma-separated; 0 for the core's default from free memory")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--profile-rows", type=int, default=25, help="rows of the profiler table (0: no profile)")
@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     records = synthetic.load_records()
     flat = [t for g in synthetic.TEMPLATES for t in g]
     print(f"{args.model}: layout {type(layout).__name__}, layers {hp.layers}, loss layer {hp.v_loss_layer}", flush=True)
-    for ct in [int(x) for x in args.chunk_tokens.split(",")]:
+    from memit_fast.targets import _default_chunk_tokens
+
+    for ct in [int(x) or _default_chunk_tokens(model, hp) for x in args.chunk_tokens.split(",")]:
         n = max(8, ct // 27)  # about one chunk of suffix tokens (27 per GPT-J request on CounterFact)
         reqs = synthetic.make_requests(records, n, seed=1)
         enc = encode_requests(tok, normalize_requests(reqs), flat, hp.fact_token)
