@@ -18,12 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-# Flash attention for the causal passes, memory-efficient attention where a prefix mask is given.
-# Not cuDNN's: on an H200 (torch 2.11) it builds an execution plan for every new shape, and z's
-# chunks come in many shapes (the profile of a GPT-J chunk spent 19% of its GPU time there).
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def fused_activation(act: nn.Module):
@@ -153,8 +147,7 @@ class Layout:
         if self.n_kv_heads != self.n_heads:  # grouped-query attention
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        with sdpa_kernel(_SDPA_BACKENDS):
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.attn_scale(i))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.attn_scale(i))
         return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
 
     def block(self, i: int, h: torch.Tensor, ctx: Context, past=None, *, want_kv: bool = False, want_key: bool = False):
