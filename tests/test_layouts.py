@@ -335,3 +335,29 @@ def test_generic_layout_on_an_unknown_model_type():
     _assert_close(out, hidden[2], mask, "key_and_output output")
     key, out = layout.key_and_output(ids, mask, 2, 2)
     _assert_close(layout.finish(out), logits, mask, "finish")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "neox-parallel", "neox-sequential", "llama-gqa", "mistral", "qwen2"])
+def test_bfloat16_on_the_gpu(name):
+    """bf16 on the GPU: the tolerance is measured, not set. For every block's output and the
+    logits, over the real tokens: max |layout bf16 - reference| <= 2 * max |HF bf16 - reference|,
+    the reference being HF's forward in float64 over the same (bf16-rounded) weights."""
+    import copy
+
+    model = copy.deepcopy(_model(name)).to("cuda", torch.bfloat16)
+    reference = copy.deepcopy(model).to(torch.float64)
+    layout = layout_for(model, _hparams(model))
+    assert type(layout) is FAMILIES[CONFIGS[name][0]]
+    ids, mask = (t.cuda() for t in _pad(_rows(LENGTHS)))
+    logits, hidden, _ = _hf(model, ids, mask)
+    ref_logits, ref_hidden, _ = _hf(reference, ids, mask)
+    outs, got_logits = _layout_blocks(layout, ids)
+    n = layout.n_layers
+    pairs = [(outs[i], hidden[i + 1], ref_hidden[i + 1], f"block {i}") for i in range(n - 1)]
+    pairs += [(layout.final_norm(outs[-1]), hidden[n], ref_hidden[n], "final norm"), (got_logits, logits, ref_logits, "logits")]
+    keep = mask.bool()
+    for got, hf, ref, what in pairs:
+        err = (got[keep].double() - ref[keep]).abs().max().item()
+        tol = 2 * (hf[keep].double() - ref[keep]).abs().max().item()
+        assert err <= tol, f"{name} {what}: layout bf16 error {err:.3e} > twice HF bf16's error ({tol:.3e})"
