@@ -74,6 +74,11 @@ def _configs():
         "llama-bias-mqa": ("llama", lambda: llama(T.LlamaForCausalLM, T.LlamaConfig, num_attention_heads=4, num_key_value_heads=1, attention_bias=True, mlp_bias=True, rope_theta=500.0)),
         "mistral": ("mistral", lambda: llama(T.MistralForCausalLM, T.MistralConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=20)),
         "qwen2": ("qwen2", lambda: llama(T.Qwen2ForCausalLM, T.Qwen2Config, num_attention_heads=6, num_key_value_heads=2)),
+        # windows shorter than the rows: Mistral on every block, Qwen2 on blocks >= max_window_layers
+        # (Qwen2's window above the prefixes' length: transformers 5.0's sliding cache keeps only
+        # window - 1 prefix keys, which the generic runner would then miss)
+        "mistral-sliding-window": ("mistral", lambda: llama(T.MistralForCausalLM, T.MistralConfig, num_attention_heads=4, num_key_value_heads=2, sliding_window=4)),
+        "qwen2-sliding-window": ("qwen2", lambda: llama(T.Qwen2ForCausalLM, T.Qwen2Config, num_attention_heads=4, num_key_value_heads=4, use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     }
 
 
@@ -205,8 +210,8 @@ PREFIX_LENGTHS = [4, 0, 2, 5, 1]  # right-padded to 5; row 1 has no prefix
 SUFFIX_LENGTHS = [3, 5, 1, 2, 4]
 
 
-def _prefix_batch(seed=2):
-    prefixes, suffixes = _rows(PREFIX_LENGTHS, seed), _rows(SUFFIX_LENGTHS, seed + 1)
+def _prefix_batch(seed=2, prefix_lengths=PREFIX_LENGTHS):
+    prefixes, suffixes = _rows(prefix_lengths, seed), _rows(SUFFIX_LENGTHS, seed + 1)
     prefix_ids, prefix_mask = _pad(prefixes)
     suffix_ids, suffix_mask = _pad(suffixes)
     full_ids, full_mask = _pad([p + s for p, s in zip(prefixes, suffixes)])
@@ -256,8 +261,12 @@ def test_suffix_runner_equals_generic_runner(name, with_prefix):
     layout, model = _layout(name), _model(name)
     generic = layout_for(model, _hparams(model), generic=True)
     assert isinstance(generic, GenericLayout)
-    prefix_ids, prefix_mask, suffix_ids, suffix_mask, _, _ = _prefix_batch(seed=5)
     lengths = PREFIX_LENGTHS
+    if any(layout.window(i) is not None for i in range(layout.n_layers)):
+        # HF's sliding window counts cache slots, padding included, so the generic runner is exact
+        # only on unpadded prefixes (the layout counts positions: test_prefix_cache_equals_full_sequence)
+        lengths = [max(PREFIX_LENGTHS)] * len(PREFIX_LENGTHS)
+    prefix_ids, prefix_mask, suffix_ids, suffix_mask, _, _ = _prefix_batch(5, lengths)
     if not with_prefix:
         prefix_ids, prefix_mask, lengths = prefix_ids[:, :0], prefix_mask[:, :0], [0] * len(lengths)
     inputs = _runner_inputs(prefix_ids, prefix_mask, suffix_ids, suffix_mask, lengths)
