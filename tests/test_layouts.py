@@ -6,7 +6,11 @@ real tokens divided by the reference's largest absolute value there. The same fo
 (read by a forward pre-hook on W_out during HF's forward), the prefix cache (a prefix's keys and
 values, then the suffix alone, against the prefix and suffix run as one sequence) and z's
 SuffixRunner (against the generic layout's runner, which goes through HF's forward). Batches are
-right-padded rows of different lengths; only real tokens are compared.
+right-padded rows of different lengths; only real tokens are compared. Every family and the
+variants its layout branches on: GPT-2 scalings, GPT-J partial and whole-head rotary, NeoX
+parallel and sequential residual with partial rotary, Llama grouped- and multi-query attention
+with biases, Mistral with its own head size, Qwen2 biases, sliding windows shorter than the rows.
+On CUDA, bf16: within twice HF bf16's own error against float64 (test_bfloat16_on_the_gpu).
 """
 
 from __future__ import annotations
