@@ -13,7 +13,7 @@ Shapes: B rows, S tokens, P prefix tokens, d = d_model, H heads, h_d head size.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,14 @@ class Context:
     positions: (B, S) absolute positions of the rows' tokens. mask: None for causal attention over
     the rows alone (exact at every real token of right-padded rows), else (B, 1, S, P + S) bool,
     True where a query may attend (the real prefix tokens, then the causal part of the rows).
-    rope: the family's rotary tables for these positions (None for learned positions)."""
+    rope: the family's rotary tables for these positions (None for learned positions).
+    windowed: for each sliding window w of the model that these rows exceed, `mask` (or the causal
+    mask) narrowed to the keys less than w positions before the query."""
 
     positions: torch.Tensor
     mask: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +109,11 @@ class Layout:
     def attn_scale(self, i: int) -> float | None:
         return None  # SDPA's default 1/sqrt(h_d)
 
+    def window(self, i: int) -> int | None:
+        """Block i's sliding attention window w (a query sees the keys less than w positions before
+        it), None for full causal attention."""
+        return None
+
     def norm_attn(self, i: int, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -131,12 +139,19 @@ class Layout:
     def context(self, h: torch.Tensor, positions: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> Context:
         """Attention inputs for rows of hidden states h (B, S, d) at `positions` (B, S), after an
         optional prefix (mask (B, P))."""
+        (B, S), P = positions.shape, 0 if prefix_mask is None else prefix_mask.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril().expand(B, 1, S, S)
         mask = None
         if prefix_mask is not None:
-            S = positions.shape[1]
-            causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril()
-            mask = torch.cat([prefix_mask.bool()[:, None, None, :].expand(-1, 1, S, -1), causal.expand(len(positions), 1, S, S)], dim=-1)
-        return Context(positions, mask, self.rope(h, positions))
+            mask = torch.cat([prefix_mask.bool()[:, None, None, :].expand(-1, 1, S, -1), causal], dim=-1)
+        windowed = {}
+        # positions run on from the prefix's real tokens, so no key is P + S or more positions back
+        for w in {self.window(i) for i in range(self.n_layers)} - {None}:
+            if P + S > w:
+                keys = torch.cat([torch.arange(P, device=positions.device).expand(B, P), positions], dim=1)
+                near = (positions[:, :, None] - keys[:, None, :]) < w
+                windowed[w] = (causal if mask is None else mask) & near[:, None]
+        return Context(positions, mask, self.rope(h, positions), windowed)
 
     def attention(self, i: int, x: torch.Tensor, ctx: Context, past=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Block i's attention output (B, S, d) and this call's (k, v) (before the prefix is joined)."""
@@ -147,7 +162,8 @@ class Layout:
         if self.n_kv_heads != self.n_heads:  # grouped-query attention
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, scale=self.attn_scale(i))
+        mask = ctx.windowed.get(self.window(i), ctx.mask)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.attn_scale(i))
         return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
 
     def block(self, i: int, h: torch.Tensor, ctx: Context, past=None, *, want_kv: bool = False, want_key: bool = False):

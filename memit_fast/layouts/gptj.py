@@ -55,6 +55,9 @@ class GPTJLayout(Layout):
     def attn_out(self, i, o):
         return self.blocks[i].attn.out_proj(o)
 
+    def attn_scale(self, i):
+        return getattr(self.blocks[i].attn, "scaling", None)  # HF's own head_dim**-0.5, not SDPA's 1/sqrt
+
     def norm_attn(self, i, h):
         return self.blocks[i].ln_1(h)
 

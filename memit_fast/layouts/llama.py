@@ -1,6 +1,9 @@
 """Llama, Mistral and Qwen2 (`model.layers.{i}`): RMSNorm before attention and before the MLP,
 rotate-half rotary embedding from the model's own `rotary_emb`, grouped-query attention, and a
-gated MLP down(act(gate(x)) * up(x)) whose key is act(gate(x)) * up(x)."""
+gated MLP down(act(gate(x)) * up(x)) whose key is act(gate(x)) * up(x). Sliding-window attention
+as transformers applies it: Mistral on every block when config.sliding_window is set, Qwen2 on
+the blocks that config.layer_types marks "sliding_attention" (config.sliding_window is None
+unless use_sliding_window)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ class LlamaLayout(Layout):
         self.n_heads = c.num_attention_heads
         self.n_kv_heads = getattr(c, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.n_heads
+        w = getattr(c, "sliding_window", None) if c.model_type in ("mistral", "qwen2") else None
+        types = getattr(c, "layer_types", None) if c.model_type == "qwen2" else None
+        self.windows = [None if w is None or (types is not None and types[i] != "sliding_attention") else int(w) for i in range(len(self.blocks))]
 
     def embed(self, ids, positions):
         return self.embed_tokens(ids)
@@ -57,6 +63,9 @@ class LlamaLayout(Layout):
 
     def attn_scale(self, i):
         return getattr(self.blocks[i].self_attn, "scaling", None)
+
+    def window(self, i):
+        return self.windows[i]
 
     def norm_attn(self, i, h):
         return self.blocks[i].input_layernorm(h)

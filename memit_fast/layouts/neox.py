@@ -37,6 +37,9 @@ class NeoXLayout(Layout):
     def attn_out(self, i, o):
         return self.blocks[i].attention.dense(o)
 
+    def attn_scale(self, i):
+        return getattr(self.blocks[i].attention, "scaling", None)  # HF's own head_dim**-0.5, not SDPA's 1/sqrt
+
     def norm_attn(self, i, h):
         return self.blocks[i].input_layernorm(h)
 
