@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root:  bash benchmarks/device/run_forward.sh
-# The forward-path run (issue 8): GPU tests of the layouts and the fast path, then GPT-J 6B
-# edits (fast mode, statistics cached) at MEMIT_FAST_FORWARD_EDITS, then the statistics pass at
-# 1M tokens. Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
+# The forward-path run (issue 8): optionally the native build (MEMIT_FAST_FORWARD_BUILD=1), the
+# GPU tests (MEMIT_FAST_FORWARD_TESTS, pytest arguments), then edit profiles (fast mode,
+# statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
+# "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it). Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
 # files go to $OUT (at most 8), the summary prints last.
 # Needs the tokenizer at .device/tokenizer (shared/tools/device-model-parts saves it).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-540}
-EDITS=${MEMIT_FAST_FORWARD_EDITS:-1000,5000}
-MODELS=${MEMIT_FAST_FORWARD_MODELS:-gpt-j-6b}
+RUNS=${MEMIT_FAST_FORWARD_RUNS:-gpt-j-6b:1000,5000}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
@@ -32,10 +32,16 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit (SIGINT first, so 
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
   "$PY" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
 } >>"$LOG" 2>&1
+if [[ -n "${MEMIT_FAST_FORWARD_BUILD:-}" ]]; then
+  rm -rf build memit_fast/_native*.so
+  stage build 120 env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  "$PY" -m memit_fast info >>"$LOG" 2>&1
+fi
 stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
-for m in $MODELS; do
-  stage "profile_$m" ${MEMIT_FAST_FORWARD_LIMIT:-330} "$PY" -m benchmarks.profile_edits --model "$m" --edits "$EDITS" --reference-subset 0 \
-    --out "$OUT" --no-markdown --tokenizer .device/tokenizer --budget $((${MEMIT_FAST_FORWARD_LIMIT:-330} - 20)) ${MEMIT_FAST_FORWARD_ARGS:-}
+for run in $RUNS; do
+  m=${run%%:*}; limit=${MEMIT_FAST_FORWARD_LIMIT:-330}
+  stage "profile_$m" $limit "$PY" -m benchmarks.profile_edits --model "$m" --edits "${run#*:}" --reference-subset 0 \
+    --out "$OUT" --no-markdown --tokenizer .device/tokenizer --budget $((limit - 20)) ${MEMIT_FAST_FORWARD_ARGS:-}
 done
 if [[ -z "${MEMIT_FAST_FORWARD_NO_STATS:-}" ]]; then
   stage stats 150 "$PY" -m benchmarks.profile_edits --model gpt-j-6b --edits none --reference-subset 0 --stats --stats-tokens 1000000 \
