@@ -128,6 +128,19 @@ def lm_head_params(model: nn.Module, hparams: MEMITHyperParams) -> tuple[nn.Modu
     return ln_f, head.weight, getattr(head, "bias", None)
 
 
+def cache_arg(module: nn.Module, cache) -> dict:
+    """The key/value cache as the keyword this transformers version's forward takes: `cache`
+    (transformers 5.2x, where `past_key_values` is deprecated) or `past_key_values` (before)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model_access import block_output, get_module, hooks
+from ..model_access import block_output, cache_arg, get_module, hooks, returned_cache
 
 
 class _Stop(Exception):
@@ -98,7 +98,7 @@ class _HooksRunner:
             self.kv = []
             if prefix_ids.shape[1]:
                 out = layout.base(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
-                self.kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+                self.kv = [(lay.keys, lay.values) for lay in returned_cache(out).layers]
             got = {}
 
             def read(_m, _args, out):
@@ -120,7 +120,7 @@ class _HooksRunner:
             cache = DynamicCache(config=self.layout.model.config)
             for i, (k, v) in enumerate(self.kv):
                 cache.update(k[self.rows], v[self.rows], i)
-        return dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=bool(self.kv))
+        return dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(self.kv), **cache_arg(self.layout.base, cache))
 
     def select(self, rows: torch.Tensor) -> None:
         self.rows = self.rows[rows]
