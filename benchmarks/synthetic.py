@@ -180,26 +180,19 @@ def request_lengths(tok, requests: list[dict]) -> dict:
 @torch.no_grad()
 def key_scales(model, hparams, tokens: int = 2048, seed: int = 0) -> dict[int, float]:
     """Mean of k^2 over the entries of each critical layer's keys, from one forward pass over random tokens."""
-    from memit_fast.model_access import StopForward, get_module, hooks, model_device, run_until_stop
+    from memit_fast.layouts import layout_for
+    from memit_fast.model_access import model_device
 
     device = model_device(model)
     g = torch.Generator().manual_seed(seed)
     width = min(256, tokens)
     ids = torch.randint(100, 49000, (max(1, tokens // width), width), generator=g).to(device)
     scales: dict[int, float] = {}
-    last = hparams.layers[-1]
 
-    def make(layer):
-        def hook(_m, args):
-            scales[layer] = float(args[0].float().pow(2).mean())
-            if layer == last:
-                raise StopForward
+    def read(layer, keys):
+        scales[layer] = float(keys.float().pow(2).mean())
 
-        return hook
-
-    handles = [get_module(model, hparams.rewrite_module_tmp.format(layer)).register_forward_pre_hook(make(layer)) for layer in hparams.layers]
-    with hooks(*handles):
-        run_until_stop(model.base_model, input_ids=ids, use_cache=False)
+    layout_for(model, hparams).mlp_keys(ids, torch.ones_like(ids), hparams.layers, read)
     return scales
 
 

@@ -10,6 +10,7 @@ import torch
 from .edit_requests import normalize_requests
 from .errors import StatsError
 from .hparams import MEMITHyperParams
+from .layouts import layout_for
 from .model_access import rewrite_weights
 from .presets import for_model
 from .profiling import NO_TIMER
@@ -62,6 +63,7 @@ def apply(
     if copy:
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
+    layout = layout_for(model, hparams)
     timer = timer or NO_TIMER
     with _eval_no_param_grads(model):
         with timer("templates"):
@@ -69,15 +71,15 @@ def apply(
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
             encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
         with timer("statistics"):
-            covs = _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode)
+            covs = _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode, layout)
         backup = {w.name: w.param.detach().clone() for w in weights}  # on the weights' device: a fast rollback
         try:
             if mode == "reference":
                 reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=progress, timer=timer)
             else:
                 with timer("z"):
-                    z = compute_targets(model, tok, encoded, hparams, chunk_tokens=chunk_tokens, progress=progress)
-                apply_update(model, tok, encoded, hparams, z, templates, covs, weights, solve_method=solve_method, progress=progress, timer=timer)
+                    z = compute_targets(model, tok, encoded, hparams, chunk_tokens=chunk_tokens, progress=progress, layout=layout)
+                apply_update(model, tok, encoded, hparams, z, templates, covs, weights, layout, solve_method=solve_method, progress=progress, timer=timer)
         except BaseException:
             restore(model, backup)
             raise
@@ -92,14 +94,14 @@ def restore(model, orig_weights: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode) -> dict[int, torch.Tensor]:
+def _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode, layout) -> dict[int, torch.Tensor]:
     """{layer: C^l} from `stats` as given, else from compute_stats (one pass per layer in reference
     mode); the identity for every layer when hparams.mom2_adjustment is off."""
     if not hparams.mom2_adjustment:
         return {w.layer: torch.eye(w.d_ff) for w in weights}
     if stats is None:
         stats = compute_stats(
-            model, tok, hparams, corpus=corpus, cache_dir=cache_dir, seed=seed, progress=progress, one_pass_per_layer=mode == "reference"
+            model, tok, hparams, corpus=corpus, cache_dir=cache_dir, seed=seed, progress=progress, one_pass_per_layer=mode == "reference", layout=layout
         )
     covs = {}
     for w in weights:

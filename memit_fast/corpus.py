@@ -103,7 +103,7 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
     (seed, i), so the batch size does not change the text."""
     from tqdm.auto import tqdm
 
-    from .model_access import model_device
+    from .model_access import cache_arg, model_device, returned_cache
 
     device = model_device(model)
     texts: list[str] = []
@@ -120,8 +120,8 @@ def sample_texts(model, tok, n: int, length: int, *, seed: int = 0, batch_size: 
         past, cur, out = None, input_ids, [input_ids]
         for _ in range(length - min(map(len, ids))):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1] :]
-            res = model(input_ids=cur, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=cur, attention_mask=mask, position_ids=positions, use_cache=True, **cache_arg(model, past))
+            past = returned_cache(res)
             probs = res.logits[:, -1].float().softmax(-1)
             top_p, top_i = probs.topk(top_k, dim=-1)
             top_p = top_p.cpu()

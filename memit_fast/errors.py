@@ -17,6 +17,10 @@ class StatsError(MemitError, ValueError):
     """Statistics that cannot be used: NaN/inf, empty, corrupted, or computed for another model."""
 
 
+class TargetError(MemitError, RuntimeError):
+    """The optimisation of a target vector z produced NaN or inf."""
+
+
 class SolveError(MemitError, RuntimeError):
     """The update solve failed or produced NaN/inf."""
 

@@ -1,19 +1,23 @@
-"""Keys k^l (MEMIT.md section 3) and the current block-L outputs at the subject (section 5, step 2),
-read in one forward pass per layer with the current weights, gathered straight from the hooks
-into preallocated buffers (`gather_rows`, a Triton kernel on CUDA).
+"""Keys k^l (docs/algorithm.md section 3) and the current block-L outputs at the subject (section
+5, step 2), read with the current weights as the update edits the layers in ascending order.
 
 Each prompt is cut right after the subject's token (causality: nothing after it changes what is
-read there), and the pass stops after block L. Keys are averaged over the templates in two
-levels, as the original: within each template group, then across groups.
+read there). With a family layout the passes are incremental and exact: the input of block l
+does not depend on block l or anything above it, so the hidden states at the input of the layer
+just read are kept, and the next layer's pass starts there (GPT-J's six layers 3..8 run 4 + 5 x 2
+blocks over every row instead of 6 x 9). Only the bare-prompt rows (one per request) go on to
+block L for `cur`. Rows are gathered straight into preallocated buffers (`gather_rows`, a Triton
+kernel on CUDA). Keys are averaged over the templates in two levels, as the original: within each
+template group, then across groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .hparams import MEMITHyperParams
 from .kernels.capture import gather_rows
-from .model_access import StopForward, block_output, float_dtype, get_module, hidden_size, hooks, in_features, model_device, run_until_stop
+from .layouts import Layout
+from .model_access import float_dtype, hidden_size, in_features, model_device
 from .templates import group_index
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
@@ -23,50 +27,70 @@ def key_rows(requests: list[EncodedRequest]) -> list[list[int]]:
     return [p.ids[: p.lookup + 1] for r in requests for p in r.prompts]
 
 
-@torch.no_grad()
-def compute_keys_and_values(
-    model,
-    tok,
-    rows: list[list[int]],
-    n_requests: int,
-    hparams: MEMITHyperParams,
-    layer: int,
-    templates: list[list[str]],
-    *,
-    batch_tokens: int = 8192,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K (n, d_ff), cur (n, d_model)) in float_dtype(model): the averaged key at `layer` and block L's output at
-    the subject of the bare prompt ("{}", the first template), one row per request."""
-    device, dtype = model_device(model), float_dtype(model)
-    L = hparams.layers[-1]
-    rewrite = get_module(model, hparams.rewrite_module_tmp.format(layer))
-    block_L = get_module(model, hparams.layer_module_tmp.format(L))
-    n_t = len(rows) // n_requests
-    k_buf = torch.empty(len(rows), in_features(rewrite), device=device, dtype=dtype)
-    v_buf = torch.empty(len(rows), hidden_size(model), device=device, dtype=dtype)
-    state = {}
+class KeyReader:
+    """Reads (K, cur) at each critical layer in ascending order over the same key rows.
 
-    def grab_key(_m, args):
-        gather_rows(args[0], state["index"], out=k_buf[state["slice"]])
+    rows: `key_rows(requests)`, n_requests x n_templates rows, request-major; the first template
+    of each request is the bare prompt "{}"."""
 
-    def grab_value(_m, _args, output):
-        gather_rows(block_output(output), state["index"], out=v_buf[state["slice"]])
-        raise StopForward
+    def __init__(self, model, layout, tok, rows: list[list[int]], n_requests: int, out_layer: int, templates: list[list[str]], *, batch_tokens: int = 8192):
+        self.layout, self.out_layer, self.templates = layout, out_layer, templates
+        self.n_requests, self.n_rows = n_requests, len(rows)
+        self.device, self.dtype = model_device(model), float_dtype(model)
+        self.d_model = hidden_size(model)
+        n_t = len(rows) // n_requests
+        self.batches = []
+        for batch in length_batches([len(r) for r in rows], batch_tokens):
+            ids, mask = pad_right([rows[i] for i in batch], pad_id(tok), self.device)
+            last = mask.sum(1) - 1
+            bare = torch.tensor([i % n_t == 0 for i in batch], device=self.device)
+            self.batches.append({"rows": torch.tensor(batch, device=self.device), "ids": ids, "mask": mask, "last": last, "bare": bare})
+        self.incremental = isinstance(layout, Layout)
+        self.read_so_far = -1
 
-    batches = length_batches([len(r) for r in rows], batch_tokens)
-    with hooks(rewrite.register_forward_pre_hook(grab_key), block_L.register_forward_hook(grab_value)):
-        start = 0
-        for batch in batches:
-            ids, mask = pad_right([rows[i] for i in batch], pad_id(tok), device)
-            state["index"] = torch.arange(len(batch), device=device) * ids.shape[1] + mask.sum(1) - 1
-            state["slice"] = slice(start, start + len(batch))
-            run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
-            start += len(batch)
-    order = torch.tensor([i for b in batches for i in b], device=device)
-    k_all, v_all = torch.empty_like(k_buf), torch.empty_like(v_buf)
-    k_all[order], v_all[order] = k_buf, v_buf
-    k_all, v_all = k_all.view(n_requests, n_t, -1), v_all.view(n_requests, n_t, -1)
-    groups = torch.tensor(group_index(templates), device=device)
-    n_groups = int(groups.max()) + 1
-    k = torch.stack([k_all[:, groups == g].mean(1) for g in range(n_groups)], 1).mean(1)
-    return k, v_all[:, 0]
+    @torch.no_grad()
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K (n, d_ff), cur (n, d_model)) in float_dtype(model): the averaged key at `layer` and
+        block L's output at the subject of the bare prompt, one row per request."""
+        if layer <= self.read_so_far:
+            raise ValueError(f"layers must be read in ascending order: {layer} after {self.read_so_far}")
+        self.read_so_far = layer
+        d_ff = in_features(self.layout.w_out(layer))
+        keys = torch.empty(self.n_rows, d_ff, device=self.device, dtype=self.dtype)
+        cur = torch.empty(self.n_requests, self.d_model, device=self.device, dtype=self.dtype)
+        k_buf = torch.empty(max(len(b["rows"]) for b in self.batches), d_ff, device=self.device, dtype=self.dtype)
+        for b in self.batches:
+            n = len(b["rows"])
+            index = torch.arange(n, device=self.device) * b["ids"].shape[1] + b["last"]
+            if self.incremental:
+                key, out = self._read_incremental(b, layer)
+            else:
+                key, out = self.layout.key_and_output(b["ids"], b["mask"], layer, self.out_layer)
+                out = out[b["bare"]]
+            gather_rows(key, index, out=k_buf[:n])
+            keys[b["rows"]] = k_buf[:n]
+            bare_rows = b["rows"][b["bare"]]
+            if len(bare_rows):  # out holds the bare rows only
+                v_buf = torch.empty(len(bare_rows), self.d_model, device=self.device, dtype=self.dtype)
+                gather_rows(out, torch.arange(len(bare_rows), device=self.device) * out.shape[1] + b["last"][b["bare"]], out=v_buf)
+                cur[bare_rows // (self.n_rows // self.n_requests)] = v_buf
+        k_all = keys.view(self.n_requests, self.n_rows // self.n_requests, -1)
+        groups = torch.tensor(group_index(self.templates), device=self.device)
+        n_groups = int(groups.max()) + 1
+        return torch.stack([k_all[:, groups == g].mean(1) for g in range(n_groups)], 1).mean(1), cur
+
+    def _read_incremental(self, b: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key of every row at `layer`, block-L output of the bare rows), from the hidden states
+        kept at the input of the previously read layer (or the embeddings)."""
+        lay = self.layout
+        if "hidden" not in b:
+            b["hidden"], b["ctx"] = lay.start(b["ids"])
+            b["at"] = 0
+        h, ctx = b["hidden"], b["ctx"]
+        h = lay.run(h, b["at"], layer, ctx)
+        b["hidden"], b["at"] = h, layer  # input of block `layer`: unchanged by editing it or any block above
+        h, key = lay.block(layer, h, ctx, want_key=True)
+        hb = h[b["bare"]]
+        if len(hb):
+            hb = lay.run(hb, layer + 1, self.out_layer + 1, lay.context(hb, ctx.positions[b["bare"]]))
+        return key, hb

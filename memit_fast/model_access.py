@@ -110,10 +110,6 @@ def with_block_output(output, hidden: torch.Tensor):
     return hidden
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once everything needed has been read."""
-
-
 @contextlib.contextmanager
 def hooks(*handles_or_none):
     """Remove the given hook handles on exit."""
@@ -125,14 +121,6 @@ def hooks(*handles_or_none):
             h.remove()
 
 
-def run_until_stop(fn, *args, **kwargs) -> None:
-    """Call fn and swallow the StopForward that a hook raises to end it early."""
-    try:
-        fn(*args, **kwargs)
-    except StopForward:
-        pass
-
-
 def lm_head_params(model: nn.Module, hparams: MEMITHyperParams) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """(final norm module, lm_head weight (vocab, d_model), lm_head bias or None)."""
     ln_f = get_module(model, hparams.ln_f_module)
@@ -140,8 +128,17 @@ def lm_head_params(model: nn.Module, hparams: MEMITHyperParams) -> tuple[nn.Modu
     return ln_f, head.weight, getattr(head, "bias", None)
 
 
-def decoder_layers(model: nn.Module, hparams: MEMITHyperParams) -> list[nn.Module]:
-    return [get_module(model, hparams.layer_module_tmp.format(i)) for i in range(num_layers(model.config))]
+def cache_arg(module: nn.Module, cache) -> dict:
+    """The key/value cache as the keyword this transformers version's forward takes: `cache`
+    (transformers 5.2x, where `past_key_values` is deprecated) or `past_key_values` (before)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -29,7 +29,8 @@ from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams
 from .kernels.covariance import CovarianceAccumulator
-from .model_access import StopForward, get_module, hooks, in_features, model_device, rewrite_weights, run_until_stop
+from .layouts import layout_for
+from .model_access import in_features, model_device, rewrite_weights
 from .tokens import length_batches, pad_id, pad_right
 
 FORMAT_VERSION = "1"
@@ -133,34 +134,57 @@ def check_stats(mom2: torch.Tensor, count: int, where: str) -> None:
         raise StatsError(f"{where}: statistics contain NaN or inf")
 
 
-def _accumulate(model, tok, module_names: list[str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, CovarianceAccumulator]:
-    """One forward per batch; pre-hooks hand the unpadded inputs of every named module to its
-    accumulator (the Triton kernel on CUDA reads the masked rows in place); the pass stops after
-    the last of them."""
-    device, dtype = model_device(model), next(model.parameters()).dtype
-    modules = [get_module(model, n) for n in module_names]
-    accs = {n: CovarianceAccumulator(in_features(m), device, dtype) for n, m in zip(module_names, modules)}
+def _accumulate(layout, tok, module_names: dict[int, str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, CovarianceAccumulator]:
+    """One pass per batch of documents through `layout`, ending at the last layer's key; every
+    layer's keys at the real tokens go to its accumulator (the Triton kernel on CUDA reads the
+    masked rows in place). Documents are tokenised by a background thread, a group ahead of the
+    GPU (`_token_batches`)."""
+    device, dtype = layout.device, layout.dtype
+    layers = sorted(module_names)
+    accs = {module_names[i]: CovarianceAccumulator(in_features(layout.w_out(i)), device, dtype) for i in layers}
     state = {}
 
-    def make_hook(name, last):
-        def hook(_module, args):
-            accs[name].add(args[0], mask=state["mask"])
-            if last:
-                raise StopForward
+    def consume(layer, keys):
+        accs[module_names[layer]].add(keys, mask=state["mask"])
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n, i == len(modules) - 1)) for i, (n, m) in enumerate(zip(module_names, modules))]
-    docs = [e for e in (tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts) if e]
-    batches = [[docs[i] for i in b] for b in length_batches([len(d) for d in docs], batch_tokens)]
-    n_tokens = sum(map(len, docs))
-    with hooks(*handles), torch.no_grad(), tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
-        for rows in batches:
+    with torch.no_grad(), tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+        for rows in _token_batches(tok, texts, max_length, batch_tokens):
             ids, mask = pad_right(rows, pad_id(tok), device)
             state["mask"] = mask.bool()
-            run_until_stop(model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
-            bar.update(int(mask.sum()))
+            layout.mlp_keys(ids, mask, layers, consume)
+            bar.update(sum(map(len, rows)))
     return accs
+
+
+TOKENISE_GROUP = 1024  # documents tokenised in one call of the tokenizer (a fast tokenizer's batch runs in Rust threads)
+
+
+def _token_batches(tok, texts, max_length: int, batch_tokens: int):
+    """Batches of token rows (at most batch_tokens padded tokens each, similar lengths together),
+    tokenised by a background thread one group of TOKENISE_GROUP documents ahead of the consumer,
+    so the GPU does not wait for the CPU."""
+    import queue
+    import threading
+
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=2)
+
+    def produce():
+        try:
+            for start in range(0, len(texts), TOKENISE_GROUP):
+                group = [e for e in tok(list(texts[start : start + TOKENISE_GROUP]), truncation=True, max_length=max_length)["input_ids"] if e]
+                ready.put([[group[i] for i in b] for b in length_batches([len(d) for d in group], batch_tokens)])
+            ready.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(e)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield from item
+    worker.join()
 
 
 def compute_stats(
@@ -178,12 +202,15 @@ def compute_stats(
     one_pass_per_layer: bool = False,
     seed: int = 0,
     progress: bool = True,
+    layout=None,
 ) -> dict[int, LayerStats]:
     """E[k k^T] for each layer in `layers` (default hparams.layers), loaded from the cache or computed.
 
     corpus: see `memit_fast.corpus` (default hparams.mom2_dataset); n_samples: documents
     (default hparams.mom2_n_samples); max_length: tokens per document (default min(model context,
-    1024)); batch_tokens: padded tokens per forward pass.
+    1024)); batch_tokens: padded tokens per forward pass. one_pass_per_layer: the original's
+    structure (one pass per layer through HF's own forward), the reference for tests.
+    layout: the model's `memit_fast.layouts` layout (resolved here when not given).
     """
     from .presets import for_model
 
@@ -210,13 +237,14 @@ def compute_stats(
     if not todo:
         return out
 
+    layout = layout_for(model, hparams, generic=one_pass_per_layer) if layout is None or one_pass_per_layer else layout
     texts = (local or load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress)).texts
     groups = [[layer] for layer in todo] if one_pass_per_layer else [todo]
     for group in groups:
-        names = [keys[layer].module for layer in group]
+        names = {layer: keys[layer].module for layer in group}
         desc = f"statistics, layer{'s' if len(group) > 1 else ''} {','.join(map(str, group))}"
-        accs = _accumulate(model, tok, names, texts, max_length, batch_tokens, progress, desc)
-        for layer, name in zip(group, names):
+        accs = _accumulate(layout, tok, names, texts, max_length, batch_tokens, progress, desc)
+        for layer, name in names.items():
             stats = LayerStats(accs[name].mean().to(dtype), accs[name].count)
             check_stats(stats.mom2, stats.count, f"layer {layer}")
             out[layer] = stats

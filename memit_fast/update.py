@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from .errors import SolveError
 from .hparams import MEMITHyperParams
-from .keys import compute_keys_and_values, key_rows
+from .keys import KeyReader, key_rows
 from .model_access import RewriteWeight
 from .profiling import NO_TIMER
 from .solve import solve_delta_weights
@@ -38,6 +38,7 @@ def apply_update(
     templates: list[list[str]],
     covs: dict[int, torch.Tensor],
     weights: list[RewriteWeight],
+    layout,
     *,
     solve_method: str = "auto",
     batch_tokens: int = 8192,
@@ -45,12 +46,12 @@ def apply_update(
     timer=NO_TIMER,
 ) -> dict[str, torch.Tensor]:
     """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
-    requests: encoded with `tokens.encode_requests`."""
-    rows = key_rows(requests)
+    requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout."""
+    reader = KeyReader(model, layout, tok, key_rows(requests), len(requests), hparams.layers[-1], templates, batch_tokens=batch_tokens)
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
         with timer("keys and values"):
-            keys, cur = compute_keys_and_values(model, tok, rows, len(requests), hparams, w.layer, templates, batch_tokens=batch_tokens)
+            keys, cur = reader.read(w.layer)
         with timer("solve"):
             delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hparams.mom2_update_weight, solve_method)
         with timer("weight update"):

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ..model_access import cache_arg, returned_cache
 from .scoring import eval_mode, model_device, pad_token_id, split_head
 
 NGRAM_ORDERS = (2, 3)
@@ -70,14 +71,14 @@ def text_entropy(text: str, orders=NGRAM_ORDERS, weights=NGRAM_WEIGHTS) -> float
 
 def _next_logits(model, ids, mask, pos, past):
     """Float32 logits at the last position, (B, vocab), and the updated cache."""
-    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
     parts = split_head(model)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg(model if parts is None else parts[0], past))
     if parts is None:
         out = model(**kw)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), returned_cache(out)
     body, head = parts
     out = body(**kw)
-    return head(out.last_hidden_state[:, -1]).float(), out.past_key_values
+    return head(out.last_hidden_state[:, -1]).float(), returned_cache(out)
 
 
 def _sample(logits: torch.Tensor, top_k: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root:  bash benchmarks/device/run_forward.sh
+# The forward-path run (issue 8): optionally the native build (MEMIT_FAST_FORWARD_BUILD=1), the
+# GPU tests (MEMIT_FAST_FORWARD_TESTS, pytest arguments), then edit profiles (fast mode,
+# statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
+# "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it). Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
+# files go to $OUT (at most 8), the summary prints last.
+# Needs the tokenizer at .device/tokenizer (shared/tools/device-model-parts saves it).
+set -u
+OUT=${OUT:-$PWD/device_out}
+PY=${PYTHON:-python3}
+BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-540}
+RUNS=${MEMIT_FAST_FORWARD_RUNS:-gpt-j-6b:1000,5000}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+LOG=$OUT/run.log
+STATUS=()
+stage() {  # stage NAME SECONDS CMD...: run with a time limit (SIGINT first, so pytest and the profiler report)
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS left=$((BUDGET - SECONDS))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then STATUS+=("$name: skipped, ${left}s left"); return; fi
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
+  timeout -s INT -k 20 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+{
+  echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
+  "$PY" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
+} >>"$LOG" 2>&1
+if [[ -n "${MEMIT_FAST_FORWARD_BUILD:-}" ]]; then
+  rm -rf build memit_fast/_native*.so
+  stage build 120 env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  "$PY" -m memit_fast info >>"$LOG" 2>&1
+fi
+stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
+for run in $RUNS; do
+  m=${run%%:*}; limit=${MEMIT_FAST_FORWARD_LIMIT:-330}
+  stage "profile_$m" $limit "$PY" -m benchmarks.profile_edits --model "$m" --edits "${run#*:}" --reference-subset 0 \
+    --out "$OUT" --no-markdown --tokenizer .device/tokenizer --budget $((limit - 20)) ${MEMIT_FAST_FORWARD_ARGS:-}
+done
+if [[ -z "${MEMIT_FAST_FORWARD_NO_STATS:-}" ]]; then
+  stage stats 150 "$PY" -m benchmarks.profile_edits --model gpt-j-6b --edits none --reference-subset 0 --stats --stats-tokens 1000000 \
+    --stats-tokens-per-layer 100000 --out "$OUT" --no-markdown --tokenizer .device/tokenizer --tag stats --budget 130
+fi
+"$PY" benchmarks/plot_results.py "$OUT" --out "$OUT/tables" --no-plot >/dev/null 2>>"$LOG"
+{
+  echo "== results"; cat "$OUT/tables/results.md" 2>/dev/null; rm -rf "$OUT/tables"
+  echo "== stages (budget ${BUDGET}s, ${SECONDS}s used)"; printf '%s\n' "${STATUS[@]}"
+  grep -h -E "passed|failed|error|Error" "$LOG" | tail -15
+} | tee "$OUT/summary.txt"

@@ -1,0 +1,275 @@
+"""The forward pass of a causal LM, owned by memit_fast: embeddings, blocks i..j over given hidden
+states (with a per-layer prefix key/value cache), the final norm and the head, computed from the
+model's own modules and weights (nothing is copied), attention through
+`torch.nn.functional.scaled_dot_product_attention` in the model's dtype.
+
+A family file (gpt2.py, gptj.py, neox.py, llama.py) says how one block is built: its norms, its
+query/key/value projections and rotary embedding, its MLP split at the key (the input of the
+MLP output projection W_out, docs/algorithm.md section 3), and whether attention and MLP run in
+parallel. Everything the stages need (statistics, keys, z) is written once here on top of that.
+Shapes: B rows, S tokens, P prefix tokens, d = d_model, H heads, h_d head size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fused_activation(act: nn.Module):
+    """The MLP activation as one fused kernel where transformers spells it out element by element:
+    GELU's tanh form (`gelu_new`, GPT-2 and GPT-J: eight eager kernels, each keeping its input for
+    the backward pass) is F.gelu(approximate="tanh"), the same function up to rounding."""
+    if type(act).__name__ == "NewGELUActivation":
+        return functools.partial(F.gelu, approximate="tanh")
+    return act
+
+
+@dataclass
+class Context:
+    """The attention inputs of one batch, shared by every block.
+
+    positions: (B, S) absolute positions of the rows' tokens. mask: None for causal attention over
+    the rows alone (exact at every real token of right-padded rows), else (B, 1, S, P + S) bool,
+    True where a query may attend (the real prefix tokens, then the causal part of the rows).
+    rope: the family's rotary tables for these positions (None for learned positions).
+    windowed: for each sliding window w of the model that these rows exceed, `mask` (or the causal
+    mask) narrowed to the keys less than w positions before the query."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of a prefix, per layer (B, H_kv, P, h_d) after the rotary embedding, and its
+    mask (B, P) (1 = real token). Rows are selected once when the batch shrinks, not every step."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    @property
+    def length(self) -> torch.Tensor:
+        """(B,) real prefix tokens per row: the position of the row's first suffix token."""
+        return self.mask.sum(1)
+
+    def select(self, rows: torch.Tensor) -> "PrefixCache":
+        return PrefixCache({i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}, self.mask[rows])
+
+    def keep_layers(self, layers) -> "PrefixCache":
+        keep = set(layers)
+        return PrefixCache({i: kv for i, kv in self.kv.items() if i in keep}, self.mask)
+
+
+class Layout:
+    """A decoder-only transformer run block by block. Subclasses set `blocks`, `final_norm`,
+    `lm_head`, `n_heads`, `n_kv_heads`, `head_dim`, `parallel` and implement the family hooks
+    below (`embed`, `rope`, `qkv`, `attn_out`, `norm_attn`, `norm_mlp`, `mlp_key`, `mlp_out`)."""
+
+    family = ""
+    parallel = False  # attention and MLP read the same block input (GPT-J, NeoX parallel residual)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- sizes ----
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- family hooks ----
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor):
+        return None
+
+    def qkv(self, i: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q (B, H, S, h_d), k, v (B, H_kv, S, h_d)) of block i's normed input x, rotary applied."""
+        raise NotImplementedError
+
+    def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attn_scale(self, i: int) -> float | None:
+        return None  # SDPA's default 1/sqrt(h_d)
+
+    def window(self, i: int) -> int | None:
+        """Block i's sliding attention window w (a query sees the keys less than w positions before
+        it), None for full causal attention."""
+        return None
+
+    def norm_attn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norm_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp_key(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's hidden (B, S, d_ff): the input of W_out, MEMIT's key."""
+        raise NotImplementedError
+
+    def mlp_out(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def w_out(self, i: int) -> nn.Module:
+        """Block i's MLP output projection, the module MEMIT edits."""
+        raise NotImplementedError
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the last block -> logits."""
+        return self.lm_head(self.final_norm(h))
+
+    # ---- one block ----
+    def context(self, h: torch.Tensor, positions: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> Context:
+        """Attention inputs for rows of hidden states h (B, S, d) at `positions` (B, S), after an
+        optional prefix (mask (B, P))."""
+        (B, S), P = positions.shape, 0 if prefix_mask is None else prefix_mask.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril().expand(B, 1, S, S)
+        mask = None
+        if prefix_mask is not None:
+            mask = torch.cat([prefix_mask.bool()[:, None, None, :].expand(-1, 1, S, -1), causal], dim=-1)
+        windowed = {}
+        # positions run on from the prefix's real tokens, so no key is P + S or more positions back
+        for w in {self.window(i) for i in range(self.n_layers)} - {None}:
+            if P + S > w:
+                keys = torch.cat([torch.arange(P, device=positions.device).expand(B, P), positions], dim=1)
+                near = (positions[:, :, None] - keys[:, None, :]) < w
+                windowed[w] = (causal if mask is None else mask) & near[:, None]
+        return Context(positions, mask, self.rope(h, positions), windowed)
+
+    def attention(self, i: int, x: torch.Tensor, ctx: Context, past=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Block i's attention output (B, S, d) and this call's (k, v) (before the prefix is joined)."""
+        q, k, v = self.qkv(i, x, ctx.rope)
+        kv = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = ctx.windowed.get(self.window(i), ctx.mask)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.attn_scale(i))
+        return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
+
+    def block(self, i: int, h: torch.Tensor, ctx: Context, past=None, *, want_kv: bool = False, want_key: bool = False):
+        """Block i on h (B, S, d). Returns h, or a tuple (h, kv) / (h, key) / (h, kv, key) as asked."""
+        a, kv = self.attention(i, self.norm_attn(i, h), ctx, past)
+        if self.parallel:
+            key = self.mlp_key(i, self.norm_mlp(i, h))
+            out = self.combine_parallel(h, a, self.mlp_out(i, key))
+        else:
+            mid = h + a
+            key = self.mlp_key(i, self.norm_mlp(i, mid))
+            out = mid + self.mlp_out(i, key)
+        extra = ((kv,) if want_kv else ()) + ((key,) if want_key else ())
+        return (out, *extra) if extra else out
+
+    def combine_parallel(self, h, a, m):
+        return h + a + m
+
+    def key_only(self, i: int, h: torch.Tensor, ctx: Context, past=None) -> torch.Tensor:
+        """Block i's key (B, S, d_ff), without W_out (a pass that ends at this key)."""
+        if self.parallel:
+            return self.mlp_key(i, self.norm_mlp(i, h))
+        a, _ = self.attention(i, self.norm_attn(i, h), ctx, past)
+        return self.mlp_key(i, self.norm_mlp(i, h + a))
+
+    def run(self, h: torch.Tensor, start: int, stop: int, ctx: Context, cache: PrefixCache | None = None) -> torch.Tensor:
+        """Blocks start..stop-1 on h; returns block stop-1's output."""
+        for i in range(start, stop):
+            h = self.block(i, h, ctx, None if cache is None else cache.kv[i])
+        return h
+
+    # ---- what the stages use ----
+    def start(self, ids: torch.Tensor, positions: torch.Tensor | None = None, prefix: PrefixCache | None = None) -> tuple[torch.Tensor, Context]:
+        """Embeddings of ids (B, S) and their attention context; positions default to 0..S-1 after
+        the prefix's real tokens."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            if prefix is not None:
+                positions = positions + prefix.length[:, None]
+        h = self.embed(ids, positions)
+        return h, self.context(h, positions, None if prefix is None else prefix.mask)
+
+    @torch.no_grad()
+    def prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, stop: int) -> PrefixCache:
+        """Keys and values of blocks 0..stop-1 over right-padded prefixes ids (B, P)."""
+        h, ctx = self.start(ids)
+        kv = {}
+        for i in range(stop):
+            h, kv[i] = self.block(i, h, ctx, want_kv=True)
+        return PrefixCache(kv, mask)
+
+    @torch.no_grad()
+    def mlp_keys(self, ids: torch.Tensor, mask: torch.Tensor, layers: list[int], consume) -> None:
+        """consume(layer, key (B, S, d_ff)) for each of the ascending `layers`, in one pass over
+        right-padded rows ids (B, S) (mask (B, S): causal attention is exact at the real tokens);
+        the pass ends at the last layer's key."""
+        h, ctx = self.start(ids)
+        last = max(layers)
+        for i in range(last + 1):
+            if i == last:
+                consume(i, self.key_only(i, h, ctx))
+            elif i in layers:
+                h, key = self.block(i, h, ctx, want_key=True)
+                consume(i, key)
+            else:
+                h = self.block(i, h, ctx)
+
+    @torch.no_grad()
+    def key_and_output(self, ids: torch.Tensor, mask: torch.Tensor, key_layer: int, out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key (B, S, d_ff) of block key_layer, output (B, S, d) of block out_layer) over
+        right-padded rows ids (B, S), the pass ending at block out_layer."""
+        if key_layer > out_layer:
+            raise ValueError(f"key layer {key_layer} is above the output layer {out_layer}")
+        h, ctx = self.start(ids)
+        for i in range(out_layer + 1):
+            if i == key_layer:
+                h, key = self.block(i, h, ctx, want_key=True)
+            else:
+                h = self.block(i, h, ctx)
+        return key, h
+
+    def suffix_runner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer: int, stop: int) -> "SuffixRunner":
+        return SuffixRunner(self, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer, stop)
+
+
+class SuffixRunner:
+    """z's forward (docs/algorithm.md section 6): the prefixes' keys and values are computed once
+    for blocks 0..stop-1; `hidden` is block `layer`'s output over the suffixes (no gradients); each
+    step runs only blocks layer+1..stop on an edited copy of it, reading the cached prefix."""
+
+    def __init__(self, layout: Layout, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer: int, stop: int):
+        self.layout, self.layer, self.stop = layout, layer, stop
+        with torch.no_grad():
+            cache = layout.prefix_cache(prefix_ids, prefix_mask, stop + 1) if prefix_ids.shape[1] else None
+            h, ctx = layout.start(suffix_ids, suffix_pos, cache)
+            self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
+        self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
+        self.positions = suffix_pos
+        self.ctx = ctx
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (the batch shrinks as requests converge)."""
+        self.positions = self.positions[rows]
+        self.cache = None if self.cache is None else self.cache.select(rows)
+        self.ctx = self.layout.context(self.hidden[:1], self.positions, None if self.cache is None else self.cache.mask)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Block `stop`'s output from block `layer`'s output h (rows as selected)."""
+        return self.layout.run(h, self.layer + 1, self.stop + 1, self.ctx, self.cache)
