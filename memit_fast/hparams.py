@@ -75,6 +75,15 @@ class MEMITHyperParams:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "MEMITHyperParams":
+        """From an EasyEdit MEMIT/AlphaEdit YAML file; its run settings are dropped (see memit_fast.easyedit.read_hparams)."""
+        from .easyedit import read_hparams
+
+        return read_hparams(path)[0]
+
+    from_hparams = from_yaml  # EasyEdit's name; also takes a dict or the original's JSON file
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
