@@ -76,8 +76,9 @@ class MEMITHyperParams:
             return cls.from_dict(json.load(f))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "MEMITHyperParams":
-        """From an EasyEdit MEMIT/AlphaEdit YAML file; its run settings are dropped (see memit_fast.easyedit.read_hparams)."""
+    def from_yaml(cls, path: str | Path | dict) -> "MEMITHyperParams":
+        """From an EasyEdit MEMIT/AlphaEdit YAML file (or dict, or the original's JSON); its run
+        settings are dropped: memit_fast.easyedit.read_hparams returns them."""
         from .easyedit import read_hparams
 
         return read_hparams(path)[0]

@@ -18,6 +18,7 @@ Nothing is unpickled: a file whose mom2 or count needs pickle is refused.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ def read_npz(path: str | Path) -> LayerStats:
         raise StatsError(f"statistics file {path} not found")
     try:
         npz = np.load(path, allow_pickle=False)
-    except Exception as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise StatsError(f"{path} is not a numpy .npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise StatsError(f"{path} is a single numpy array, not an .npz file of named arrays")
     with npz:
         names = next((k for k in _KEYS if all(n in npz.files for n in k)), None)
         if names is None:

@@ -96,6 +96,13 @@ def test_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(StatsError, match="not a numpy .npz"):
         read_npz(bad)
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(StatsError, match="not a numpy .npz"):
+        read_npz(bad)
+    with open(bad, "wb") as f:
+        np.save(f, np.eye(3))
+    with pytest.raises(StatsError, match="single numpy array"):
+        read_npz(bad)
 
     _original_file(bad, np.eye(256, dtype=np.float32), 5)
     _original_file(folder / f"{module}_float32_mom2_2000.npz", np.eye(256, dtype=np.float32), 5)
