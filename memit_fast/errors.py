@@ -27,3 +27,7 @@ class SolveError(MemitError, RuntimeError):
 
 class NotPositiveDefiniteError(SolveError):
     """lambda * C + K K^T is not positive definite (Cholesky failed)."""
+
+
+class ArtifactError(MemitError, ValueError):
+    """A saved edit that cannot be read or applied: missing or corrupted files, another base model."""

@@ -75,6 +75,16 @@ class MEMITHyperParams:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def from_yaml(cls, path: str | Path | dict) -> "MEMITHyperParams":
+        """From an EasyEdit MEMIT/AlphaEdit YAML file (or dict, or the original's JSON); its run
+        settings are dropped: memit_fast.easyedit.read_hparams returns them."""
+        from .easyedit import read_hparams
+
+        return read_hparams(path)[0]
+
+    from_hparams = from_yaml  # EasyEdit's name; also takes a dict or the original's JSON file
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
