@@ -23,3 +23,8 @@ class SolveError(MemitError, RuntimeError):
 
 class NotPositiveDefiniteError(SolveError):
     """lambda * C + K K^T is not positive definite (Cholesky failed)."""
+
+
+class ConfigError(MemitError, ValueError):
+    """A run setting that cannot be used: an unknown EditConfig field, a bad value, or a
+    MEMIT_FAST_* environment variable that does not parse."""
