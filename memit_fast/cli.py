@@ -95,7 +95,7 @@ def add_common(p: argparse.ArgumentParser, *, outputs: bool = False) -> None:
     a("--corpus", help="statistics corpus: a text file (one document per line), 'model' (text sampled from the model), "
       "or a dataset name (needs the datasets package and the hub) (default: the hyper-parameters' mom2_dataset)")
     a("--n-samples", type=positive_int, metavar="N", help="statistics documents (default: the hyper-parameters' mom2_n_samples)")
-    a("--cache-dir", metavar="DIR", help="cache of statistics and of the converted default model (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
+    a("--cache-dir", metavar="DIR", help="statistics cache (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
     a("--seed", type=int, default=0, help="seed of the context templates, of a corpus sampled from the model and of sampled texts (default: 0)")
@@ -113,7 +113,6 @@ class ModelSpec:
     gguf: str | None
     device: str
     dtype: str | None
-    cache_dir: str | None
     hparams: object  # a MEMITHyperParams read from --hparams, or None for the model's preset
     n_samples: int | None
     quiet: bool
@@ -132,7 +131,7 @@ class ModelSpec:
             from .default_model import load_default_model
 
             log.info("loading the default model (SmolLM2-135M) on %s", self.device)
-            model, tok = load_default_model(device=self.device, dtype=dtype, cache_dir=self.cache_dir)
+            model, tok = load_default_model(device=self.device, dtype=dtype)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,7 +183,7 @@ def model_spec(args) -> ModelSpec:
     check_corpus(args.corpus)
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UsageError(f"--cache-dir {args.cache_dir} exists and is not a directory")
-    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, args.cache_dir, hparams, args.n_samples, args.quiet)
+    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet)
 
 
 def check_corpus(spec: str | None) -> None:
