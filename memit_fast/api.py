@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from .config import EditConfig
 from .edit_requests import normalize_requests
-from .errors import StatsError
+from .errors import ConfigError, RequestError, StatsError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
-from .model_access import rewrite_weights
+from .model_access import float_dtype, hidden_size, model_device, rewrite_weights
 from .presets import for_model
 from .profiling import NO_TIMER
 from .reference import reference_edit
@@ -21,7 +29,7 @@ from .templates import flatten, generate_context_templates, normalize_templates
 from .tokens import encode_requests
 from .update import apply_update
 
-MODES = ("fast", "reference")
+log = logging.getLogger(__name__)
 
 
 def apply(
@@ -29,57 +37,60 @@ def apply(
     tok,
     requests,
     hparams: MEMITHyperParams | None = None,
-    *,
     copy: bool = False,
     return_orig_weights: bool = False,
-    mode: str = "fast",
-    stats: dict | None = None,
-    corpus=None,
-    cache_dir=None,
-    context_templates=None,
-    seed: int = 0,
-    solve_method: str = "auto",
-    chunk_tokens: int | None = None,
-    progress: bool = True,
-    timer=None,
+    cache_template: str | os.PathLike | None = None,
+    *,
+    config: EditConfig | None = None,
+    **settings,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """Write `requests` into `model` with MEMIT; returns (model, orig_weights).
+    """Write `requests` into `model` with MEMIT; returns (model, orig_weights). The positional
+    order is the original `apply_memit_to_model`'s.
 
     requests: the original dicts {"prompt": "{} plays the sport of", "subject": ..., "target_new":
         {"str": ...}} (a CounterFact record works as is). hparams: a MEMITHyperParams, None for the
         preset of the model's architecture. copy: edit a deep copy. return_orig_weights: return
         {parameter name: CPU copy of the original tensor} (else {}).
-    mode: "fast" (batched, single-pass) or "reference" (the original's structure, the oracle).
-    stats: {layer: LayerStats or (d_ff, d_ff) tensor}, else computed or loaded from the cache in
-        cache_dir, over `corpus` (default hparams.mom2_dataset; see memit_fast.corpus).
-    context_templates: groups of templates [["{}"], [...]], else sampled from the model with `seed`.
-    timer: a memit_fast.profiling.PhaseTimer to record time and peak memory per phase.
+    cache_template: as in the original, a path template of one file per request holding its z
+        (safetensors), formatted with (layer L, clamp_norm_factor, case_id) or the names {layer},
+        {clamp_norm_factor}, {case_id}; requests need a case_id. Files present are used, the
+        missing z are computed and written. Fast mode only.
+    config: an EditConfig (memit_fast.config: mode, solve method, chunking, corpus, cache,
+        statistics, context templates, seed, progress, timer); `settings`: any of its fields by
+        name, over `config`. An unknown name is a ConfigError.
     On any error the weights are left as they were.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    cfg = EditConfig.make(config, **settings)
+    if cache_template is not None and cfg.mode != "fast":
+        raise ConfigError("cache_template is used by the fast mode only")
     reqs = normalize_requests(requests)
     hparams = hparams or for_model(model)
+    z_files = _z_files(cache_template, requests, hparams) if cache_template is not None else None
     if copy:
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
     layout = layout_for(model, hparams)
-    timer = timer or NO_TIMER
+    timer = cfg.timer or NO_TIMER
+    log.info("editing %d requests into layers %s (%s mode)", len(reqs), hparams.layers, cfg.mode)
     with _eval_no_param_grads(model):
         with timer("templates"):
-            templates = normalize_templates(context_templates or generate_context_templates(model, tok, seed=seed))
+            templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
             encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
         with timer("statistics"):
-            covs = _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode, layout)
+            covs = _covariances(model, tok, hparams, weights, cfg, layout)
         backup = {w.name: w.param.detach().clone() for w in weights}  # on the weights' device: a fast rollback
         try:
-            if mode == "reference":
-                reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=progress, timer=timer)
+            if cfg.mode == "reference":
+                reference_edit(model, tok, reqs, hparams, templates, covs, weights, progress=cfg.progress, timer=timer)
             else:
                 with timer("z"):
-                    z = compute_targets(model, tok, encoded, hparams, chunk_tokens=chunk_tokens, progress=progress, layout=layout)
-                apply_update(model, tok, encoded, hparams, z, templates, covs, weights, layout, solve_method=solve_method, progress=progress, timer=timer)
+                    z = _targets(model, tok, encoded, hparams, cfg, z_files, layout)
+                log.info("update: solve method %s", cfg.solve_method)
+                apply_update(
+                    model, tok, encoded, hparams, z, templates, covs, weights, layout, solve_method=cfg.solve_method,
+                    batch_tokens=cfg.keys_batch_tokens, progress=cfg.progress, timer=timer,
+                )  # fmt: skip
         except BaseException:
             restore(model, backup)
             raise
@@ -94,15 +105,111 @@ def restore(model, orig_weights: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _covariances(model, tok, hparams, weights, stats, corpus, cache_dir, seed, progress, mode, layout) -> dict[int, torch.Tensor]:
-    """{layer: C^l} from `stats` as given, else from compute_stats (one pass per layer in reference
+def _z_files(cache_template, requests, hparams: MEMITHyperParams) -> list[Path]:
+    """One z file per request: the template formatted as the original does, with (layer L,
+    clamp_norm_factor, case_id), or by the names layer, clamp_norm_factor, case_id."""
+    raw = [requests] if isinstance(requests, dict) else list(requests)
+    template = os.fspath(cache_template)
+
+    def name(case_id) -> str:
+        L, clamp = hparams.layers[-1], hparams.clamp_norm_factor
+        try:
+            return template.format(L, clamp, case_id, layer=L, clamp_norm_factor=clamp, case_id=case_id)
+        except (IndexError, KeyError, ValueError) as e:
+            raise ConfigError(f"cache_template {template!r} does not format ({type(e).__name__}: {e})") from None
+
+    if name(0) == name(1):
+        raise ConfigError(f"cache_template {template!r} names one file for every request: it needs the case_id")
+    files = []
+    for i, r in enumerate(raw):
+        case_id = r.get("case_id") if isinstance(r, dict) else None
+        if case_id is None:
+            raise RequestError(f"request {i}: cache_template needs a case_id in every request")
+        files.append(Path(name(case_id)))
+    if len(set(files)) != len(files):
+        raise RequestError("cache_template: two requests have the same case_id")
+    return files
+
+
+def _targets(model, tok, encoded, hparams, cfg: EditConfig, z_files: list[Path] | None, layout) -> torch.Tensor:
+    """z (n, d_model): the rows in z_files that hold this request's z are read, the others are
+    computed (targets.compute_targets) and written there."""
+    if z_files is None:
+        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+    d, dtype, device = hidden_size(model), float_dtype(model), model_device(model)
+    z = torch.empty(len(encoded), d, dtype=dtype, device=device)
+    missing = []
+    for i, (r, f) in enumerate(zip(encoded, z_files)):
+        row = _read_z(f, _z_identity(r, hparams), d) if f.exists() else None
+        if row is None:
+            missing.append(i)
+        else:
+            z[i] = row.to(device, dtype)
+    log.info("z: %d of %d read from the cache_template files, %d to compute", len(z_files) - len(missing), len(z_files), len(missing))
+    if missing:
+        z[missing] = compute_targets(model, tok, [encoded[i] for i in missing], hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+        for i in missing:
+            _write_z(z_files[i], z[i], _z_identity(encoded[i], hparams))
+    return z
+
+
+def _z_identity(encoded_request, hparams) -> dict[str, str]:
+    """What a z file must have been computed for: the request's prompts (with the context
+    templates) and target as token ids, layer L and the clamp."""
+    r = encoded_request
+    tokens = repr(([(p.ids, p.lookup) for p in r.prompts], r.kl.ids, r.target))
+    return {
+        "tokens_sha256": hashlib.sha256(tokens.encode()).hexdigest(),
+        "layer": str(hparams.layers[-1]),
+        "clamp_norm_factor": str(hparams.clamp_norm_factor),
+    }
+
+
+def _read_z(path: Path, identity: dict[str, str], d: int) -> torch.Tensor | None:
+    """The z in `path`, or None (logged) when it cannot be read or was computed for something else."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta, z = f.metadata() or {}, f.get_tensor("v_star")
+    except (OSError, SafetensorError) as e:
+        log.warning("z file %s cannot be read (%s): computing it again", path, e)
+        return None
+    if any(meta.get(k) != v for k, v in identity.items()) or tuple(z.shape) != (d,):
+        log.warning("z file %s was computed for another request or model: computing it again", path)
+        return None
+    return z
+
+
+def _write_z(path: Path, z: torch.Tensor, identity: dict[str, str]) -> None:
+    """Write one z atomically; a failure is logged and the edit goes on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"v_star": z.detach().cpu().contiguous()}, tmp, metadata=identity)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        log.warning("z file %s not written (%s)", path, e)
+
+
+def _covariances(model, tok, hparams, weights, cfg: EditConfig, layout) -> dict[int, torch.Tensor]:
+    """{layer: C^l} from cfg.stats as given, else from compute_stats (one pass per layer in reference
     mode); the identity for every layer when hparams.mom2_adjustment is off."""
     if not hparams.mom2_adjustment:
+        log.info("statistics: none (mom2_adjustment off: the identity)")
         return {w.layer: torch.eye(w.d_ff) for w in weights}
+    stats = cfg.stats
     if stats is None:
+        log.info("statistics: corpus %s, cache %s", cfg.corpus or hparams.mom2_dataset, cfg.cache_dir)
         stats = compute_stats(
-            model, tok, hparams, corpus=corpus, cache_dir=cache_dir, seed=seed, progress=progress, one_pass_per_layer=mode == "reference", layout=layout
-        )
+            model, tok, hparams, corpus=cfg.corpus, batch_tokens=cfg.stats_batch_tokens, cache_dir=cfg.cache_dir,
+            seed=cfg.seed, progress=cfg.progress, one_pass_per_layer=cfg.mode == "reference", layout=layout,
+        )  # fmt: skip
+    else:
+        log.info("statistics: given for layers %s", sorted(stats))
     covs = {}
     for w in weights:
         if w.layer not in stats:

@@ -1,4 +1,10 @@
-"""The `memit-fast` command: demo, stats, edit, eval, info.
+"""The `memit-fast` command (also `python -m memit_fast`): demo, stats, edit, eval, info.
+
+Every command that loads a model takes the same common options (`add_common`) and loads through
+one loader (`ModelSpec`). Inputs and outputs are checked before any model work. A user error
+(a missing or malformed file, a bad argument, any MemitError) prints one line
+`memit-fast: error: ...` and exits with code 2 (`--debug` adds the traceback); a traceback
+without --debug is a bug. Progress goes to stderr through the logger "memit_fast".
 
 Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchmarks/README.md).
 """
@@ -6,9 +12,24 @@ Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._version import __version__
+from .errors import MemitError
+
+PROG = "memit-fast"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+log = logging.getLogger(__name__)
 
 DEMO_FACTS = [
     {
@@ -29,29 +50,226 @@ DEMO_FACTS = [
 ]
 
 
-def _load_model(args):
+class UsageError(Exception):
+    """A user error found by the command line itself (arguments, files): one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as UsageError, so they print as one line."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+# --- argument types --------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the option out for no limit)")
+    return value
+
+
+def layer_list(text: str) -> list[int]:
+    """argparse type: comma-separated layer indices."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices") from None
+
+
+# --- common options and the one loader -------------------------------------------------------
+
+
+def add_common(p: argparse.ArgumentParser, *, outputs: bool = False) -> None:
+    """The options every model command takes, with the same names and meanings."""
+    a = p.add_argument
+    a("--model", metavar="DIR", help="Hugging Face model directory (default: SmolLM2-135M, the default model)")
+    a("--model-gguf", metavar="FILE", help="load this GGUF file instead of --model")
+    a("--hparams", metavar="JSON", help="MEMIT hyper-parameters in the original JSON format (default: the model's preset)")
+    a("--corpus", help="statistics corpus: a text file (one document per line), 'model' (text sampled from the model), "
+      "or a dataset name (needs the datasets package and the hub) (default: the hyper-parameters' mom2_dataset)")
+    a("--n-samples", type=positive_int, metavar="N", help="statistics documents (default: the hyper-parameters' mom2_n_samples)")
+    a("--cache-dir", metavar="DIR", help="statistics cache (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
+    a("--seed", type=int, default=0, help="seed of the context templates, of a corpus sampled from the model and of sampled texts (default: 0)")
+    a("--quiet", action="store_true", help="no progress bars and no progress messages (transformers' too)")
+    a("--debug", action="store_true", help="show the traceback of an error")
+    if outputs:
+        a("--overwrite", action="store_true", help="replace an existing --out directory")
+
+
+@dataclass
+class ModelSpec:
+    """What to load, checked before anything is loaded (`model_spec`)."""
+
+    model: str | None
+    gguf: str | None
+    device: str
+    dtype: str | None
+    hparams: object  # a MEMITHyperParams read from --hparams, or None for the model's preset
+    n_samples: int | None
+    quiet: bool
+
+    def load(self):
+        """(model in eval mode on the device, tokenizer, hyper-parameters)."""
+        import torch
+
+        if self.quiet:
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.set_verbosity_error()
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        if self.model is None and self.gguf is None:
+            from .default_model import load_default_model
+
+            log.info("loading the default model (SmolLM2-135M) on %s", self.device)
+            model, tok = load_default_model(device=self.device, dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path, kw = self.model, {}
+            if self.gguf:
+                path, kw = os.path.dirname(os.path.abspath(self.gguf)), {"gguf_file": os.path.basename(self.gguf)}
+            log.info("loading %s on %s", self.gguf or self.model, self.device)
+            try:
+                tok = AutoTokenizer.from_pretrained(path, **kw)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or ("auto" if not self.gguf else torch.float32), **kw)
+            except (OSError, ValueError, ImportError) as e:
+                raise UsageError(f"cannot load the model from {self.gguf or self.model}: {e}") from e
+            model = model.to(self.device).eval()
+        from .presets import for_model
+
+        hp = self.hparams or for_model(model)
+        if self.n_samples:
+            hp = hp.replace(mom2_n_samples=self.n_samples)
+        return model, tok, hp
+
+
+def model_spec(args) -> ModelSpec:
+    """Check the common options (files exist and parse, device, corpus, cache) without loading anything."""
     import torch
 
-    from .default_model import load_default_model
+    if args.model and args.model_gguf:
+        raise UsageError("give --model or --model-gguf, not both")
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise UsageError(f"model directory not found: {args.model}" + (" (it is a file)" if os.path.isfile(args.model) else ""))
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UsageError(f"{args.model} is not a Hugging Face model directory (no config.json)")
+    if args.model_gguf and not os.path.isfile(args.model_gguf):
+        raise UsageError(f"GGUF file not found: {args.model_gguf}")
+    hparams = None
+    if args.hparams:
+        from .hparams import MEMITHyperParams
 
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    if getattr(args, "model", None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        data = read_json(args.hparams, "hyper-parameters file")
+        if not isinstance(data, dict):
+            raise UsageError(f"hyper-parameters file {args.hparams} must hold a JSON object, not {type(data).__name__}")
+        hparams = MEMITHyperParams.from_dict(data)
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    check_corpus(args.corpus)
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise UsageError(f"--cache-dir {args.cache_dir} exists and is not a directory")
+    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet)
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype or "auto").to(device).eval()
-        return model, AutoTokenizer.from_pretrained(args.model)
-    return load_default_model(device=args.device, dtype=dtype)
+
+def check_corpus(spec: str | None) -> None:
+    """A corpus that is a file must exist; a dataset name needs the datasets package."""
+    if spec is None or spec == "model" or os.path.isfile(spec):
+        return
+    if os.path.isdir(spec):
+        raise UsageError(f"--corpus {spec} is a directory; give a text file with one document per line")
+    if Path(spec).suffix or spec.startswith(("/", ".", "~")):
+        raise UsageError(f"corpus file not found: {spec}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"--corpus {spec!r} is neither a file nor 'model', and a dataset name needs the datasets package "
+            "(pip install 'memit_fast[datasets]')"
+        ) from None
 
 
-def _hparams(args, model):
-    from .hparams import MEMITHyperParams
-    from .presets import for_model
+def read_json(path: str, what: str):
+    """The parsed JSON file `path`; a missing or malformed file is a UsageError naming `what`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid JSON ({e})") from None
 
-    hp = MEMITHyperParams.from_json(args.hparams) if getattr(args, "hparams", None) else for_model(model)
-    if getattr(args, "n_samples", None):
-        hp = hp.replace(mom2_n_samples=args.n_samples)
-    return hp
+
+def check_out(path: str, overwrite: bool) -> None:
+    """--out: a directory that does not exist yet, is empty, or may be replaced (--overwrite)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {p} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise UsageError(f"--out {p} already exists and is not empty; pass --overwrite to replace it")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {p}: cannot write in {parent}")
+
+
+@contextlib.contextmanager
+def output_dir(path: str):
+    """Yields a fresh directory beside `path`; on success it replaces `path` in one rename (an
+    existing `path` is moved aside first and removed after), on failure it is removed."""
+    out = Path(path).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_requests(path: str) -> list:
+    """Requests or CounterFact records from a JSON file, checked (memit_fast.edit_requests)."""
+    from .edit_requests import normalize_requests
+
+    data = read_json(path, "requests file")
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise UsageError(f"requests file {path} must hold a JSON list of requests, not {type(data).__name__}")
+    if data and isinstance(data[0], dict) and "src" in data[0] and "answers" in data[0]:
+        raise UsageError(f"requests file {path} holds zsRE records: memit-fast edit takes requests or CounterFact records "
+                         "(memit-fast eval --data takes zsRE)")
+    normalize_requests(data)
+    return data
+
+
+# --- commands --------------------------------------------------------------------------------
 
 
 def _next_token(model, tok, prompt: str, target: str) -> tuple[str, float, float]:
@@ -68,21 +286,25 @@ def _next_token(model, tok, prompt: str, target: str) -> tuple[str, float, float
     return tok.decode(int(i)), float(p), float(probs[encode_target(tok, " " + target)[0]])
 
 
+def _settings(args) -> dict:
+    """apply's run settings (memit_fast.config.EditConfig fields) from the common options."""
+    return {"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet}
+
+
 def cmd_demo(args) -> int:
     from .api import apply, restore
 
-    model, tok = _load_model(args)
-    hp = _hparams(args, model)
-    facts, rows = DEMO_FACTS, []
-    for fact in facts:
+    model, tok, hp = model_spec(args).load()
+    rows = []
+    for fact in DEMO_FACTS:
         req = fact["request"]
         target = req["target_new"]["str"]
         for kind, prompt in (("prompt", req["prompt"].replace("{}", req["subject"])), ("paraphrase", fact["paraphrase"]), ("neighbour", fact["neighbour"])):
             rows.append((target, kind, prompt, _next_token(model, tok, prompt, target)))
     start = time.perf_counter()
-    _, orig = apply(model, tok, [f["request"] for f in facts], hp, corpus=args.corpus, return_orig_weights=True, progress=not args.quiet)
+    _, orig = apply(model, tok, [f["request"] for f in DEMO_FACTS], hp, return_orig_weights=True, **_settings(args))
     seconds = time.perf_counter() - start
-    print(f"\nEdited {len(facts)} facts into {model.config.model_type} layers {hp.layers} in {seconds:.1f} s "
+    print(f"\nEdited {len(DEMO_FACTS)} facts into {model.config.model_type} layers {hp.layers} in {seconds:.1f} s "
           f"(statistics included when not cached).\n")
     print(f"{'new target':11s} {'prompt kind':11s} {'top-1 before':>19s} {'top-1 after':>19s} {'P(new) before -> after':>23s}  prompt")
     for target, kind, prompt, (before, p_before, new_before) in rows:
@@ -94,89 +316,115 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .stats import compute_stats, default_cache_dir
+    from .stats import compute_stats
 
-    model, tok = _load_model(args)
-    hp = _hparams(args, model)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    spec = model_spec(args)
+    model, tok, hp = spec.load()
+    cache = args.cache_dir or _default_cache()
     start = time.perf_counter()
-    stats = compute_stats(model, tok, hp, layers, corpus=args.corpus, max_length=args.max_length, cache_dir=args.cache_dir, progress=not args.quiet)
-    print(f"statistics for layers {sorted(stats)} in {time.perf_counter() - start:.1f} s, cache: {args.cache_dir or default_cache_dir()}")
+    stats = compute_stats(model, tok, hp, args.layers, corpus=args.corpus, max_length=args.max_length, cache_dir=cache,
+                          seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print(f"statistics for layers {sorted(stats)} in {time.perf_counter() - start:.1f} s, cache: {cache}")
     for layer, s in stats.items():
         print(f"layer {layer}: {s.count} tokens, C {tuple(s.mom2.shape)} {s.mom2.dtype}, trace {float(s.mom2.diagonal().sum()):.4g}")
     return 0
 
 
+def _default_cache() -> Path:
+    from .config import env_setting
+
+    return env_setting("MEMIT_FAST_CACHE")
+
+
 def cmd_edit(args) -> int:
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
     from .api import apply
 
-    with open(args.requests) as f:
-        requests = json.load(f)
-    if args.limit:
+    requests = read_requests(args.requests)
+    if args.limit is not None:
+        if args.limit > len(requests):
+            log.info("--limit %d: the file holds %d requests, all are used", args.limit, len(requests))
         requests = requests[: args.limit]
-    model, tok = _load_model(args)
-    hp = _hparams(args, model)
+    check_out(args.out, args.overwrite)
+    model, tok, hp = model_spec(args).load()
     start = time.perf_counter()
-    _, orig = apply(model, tok, requests, hp, mode=args.mode, corpus=args.corpus, cache_dir=args.cache_dir, return_orig_weights=True, progress=not args.quiet)
+    _, orig = apply(model, tok, requests, hp, return_orig_weights=True, mode=args.mode, **_settings(args))
     print(f"edited {len(requests)} facts into layers {hp.layers} in {time.perf_counter() - start:.1f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.save == "model":
+    with output_dir(args.out) as tmp:
+        save_edit(tmp, args.save, model, tok, orig, hp, requests)
+    print(f"saved the {'edited model' if args.save == 'model' else 'weight deltas'} to {args.out}")
+    return 0
+
+
+def save_edit(out: Path, save: str, model, tok, orig: dict, hp, requests: list) -> None:
+    """Write the edit into the directory `out`: the edited model, or deltas.safetensors."""
+    if save == "model":
         model.save_pretrained(out)
         tok.save_pretrained(out)
-    else:
-        params = dict(model.named_parameters())
-        deltas = {name: (params[name].detach().float().cpu() - w.float()).contiguous() for name, w in orig.items()}
-        save_file(deltas, out / "deltas.safetensors", metadata={"hparams": json.dumps(hp.to_dict()), "n_requests": str(len(requests))})
-    print(f"saved the {'edited model' if args.save == 'model' else 'weight deltas'} to {out}")
-    return 0
+        return
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    deltas = {name: (params[name].detach().float().cpu() - w.float()).contiguous() for name, w in orig.items()}
+    save_file(deltas, out / "deltas.safetensors", metadata={"hparams": json.dumps(hp.to_dict()), "n_requests": str(len(requests))})
 
 
 def cmd_info(args) -> int:
-    from .__main__ import main as info
+    """Versions, device, the native module, and the MEMIT_FAST_* settings in effect."""
+    import importlib.metadata
+    import platform
 
-    info()
+    import torch
+
+    from . import native
+    from .config import ENV, env_setting
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    print(f"memit_fast {__version__}  python {platform.python_version()}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})  transformers {version('transformers')}  triton {version('triton')}")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print("device: no CUDA device (PyTorch CPU path)")
+    print("native: loaded" if native.available() else f"native: not used: {native.why_unavailable()}")
+    for name in ENV:
+        print(f"{name} = {env_setting(name)}" + ("" if os.environ.get(name, "").strip() else "  (default)"))
     return 0
 
 
-def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
-    if model:
-        p.add_argument("--model", help="HF model directory (default: SmolLM2-135M, the default model)")
-        p.add_argument("--hparams", help="MEMIT hyper-parameters JSON in the original format (default: preset)")
-        p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--corpus", help="statistics corpus: a text file (one document per line), 'model' (sampled), or a dataset name")
-    p.add_argument("--n-samples", type=int, help="statistics documents (default: the hparams' mom2_n_samples)")
-    p.add_argument("--cache-dir", help="statistics cache (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+# --- the parser and the error handling -------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="memit-fast", description="Mass-edit facts in a transformer LM with MEMIT.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Mass-edit facts in a transformer LM with MEMIT.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="edit a few well-known facts of the default model and show before/after")
-    _common(p)
+    add_common(p)
     p.add_argument("--restore", action="store_true", help="restore the weights at the end")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("stats", help="compute (or load) the covariance statistics of the critical layers")
-    _common(p)
-    p.add_argument("--layers", help="comma-separated layers (default: the hparams' layers)")
-    p.add_argument("--max-length", type=int, help="tokens per document (default: min(context, 1024))")
+    add_common(p)
+    p.add_argument("--layers", type=layer_list, help="comma-separated layers (default: the hyper-parameters' layers)")
+    p.add_argument("--max-length", type=positive_int, help="tokens per document (default: min(context, 1024))")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("edit", help="apply requests from a JSON file and save the edited model or the deltas")
-    _common(p)
-    p.add_argument("--requests", required=True, help="JSON list of requests or CounterFact records")
-    p.add_argument("--limit", type=int, help="only the first N requests")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--save", choices=["deltas", "model"], default="deltas")
-    p.add_argument("--mode", choices=["fast", "reference"], default="fast")
+    p = sub.add_parser("edit", help="apply requests from a JSON file and save the edit in a directory")
+    add_common(p, outputs=True)
+    p.add_argument("--requests", required=True, metavar="FILE", help="JSON list of requests or CounterFact records")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N requests (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written when the edit is done, atomically)")
+    p.add_argument("--save", choices=["deltas", "model"], default="deltas",
+                   help="deltas: the edited weights' differences (deltas.safetensors); model: the whole edited model")
+    p.add_argument("--mode", choices=["fast", "reference"], default="fast",
+                   help="fast: batched; reference: the original's structure, one request at a time (slow)")
     p.set_defaults(func=cmd_edit)
 
     from .eval import cli as eval_cli
@@ -185,11 +433,54 @@ def main(argv=None) -> int:
     eval_cli.add_arguments(p)
     p.set_defaults(func=eval_cli.run)
 
-    p = sub.add_parser("info", help="versions, device, native module status")
+    p = sub.add_parser("info", help="versions, device, native module, MEMIT_FAST_* settings")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=cmd_info)
+    return parser
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+def _setup_logging(quiet: bool) -> None:
+    """Messages of the logger "memit_fast" to stderr (warnings only with --quiet)."""
+    logger = logging.getLogger("memit_fast")
+    for h in [h for h in logger.handlers if getattr(h, "_memit_fast_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler._memit_fast_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _error(e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, OSError) and e.filename:
+        message = f"{e.strerror or e}: {e.filename}"
+    else:
+        message = " ".join(str(e).split()) or type(e).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _error(e, "--debug" in argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except (UsageError, MemitError, OSError) as e:
+        return _error(e, args.debug)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

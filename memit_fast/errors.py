@@ -31,3 +31,8 @@ class NotPositiveDefiniteError(SolveError):
 
 class ArtifactError(MemitError, ValueError):
     """A saved edit that cannot be read or applied: missing or corrupted files, another base model."""
+
+
+class ConfigError(MemitError, ValueError):
+    """A run setting that cannot be used: an unknown EditConfig field, a bad value, or a
+    MEMIT_FAST_* environment variable that does not parse."""

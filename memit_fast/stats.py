@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams

@@ -15,7 +15,6 @@ sum of the per-request losses, so the z are those of one-at-a-time optimisation 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -128,14 +127,12 @@ def compute_targets(
 
 
 def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
-    """Suffix tokens per chunk ($MEMIT_FAST_Z_CHUNK_TOKENS, else from a memory estimate): per suffix
+    """Suffix tokens per chunk when the run configuration sets none, from a memory estimate: per suffix
     token, the activations kept for the backward pass of blocks L+1..v_loss_layer (about
     10 d + 3 d_ff elements per block: measured 3.1 MiB per token for GPT-J in bf16 on an H200,
     where the formula gives 3.5) and the target logits. The chunk's share is at most 30% of the
     free memory and 8 GiB (about 2,200 GPT-J tokens: the chunk size of the 5,000-edit run at
     270 TFLOP/s; 4,488-token chunks measured no faster)."""
-    if os.environ.get("MEMIT_FAST_Z_CHUNK_TOKENS"):
-        return int(os.environ["MEMIT_FAST_Z_CHUNK_TOKENS"])
     device = model_device(model)
     if device.type != "cuda":
         return 4096

@@ -68,7 +68,7 @@ def _eval_args(tmp_path, stats_dir, *extra):
     cli.add_arguments(parser)
     return parser.parse_args(
         ["--device", "cpu", "--corpus", str(stats_dir / "corpus.txt"), "--cache-dir", str(stats_dir / "cache"),
-         "--out", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), *extra]
+         "--out", str(tmp_path / "out"), *extra]
     )  # fmt: skip
 
 
@@ -82,7 +82,7 @@ def _eval_args(tmp_path, stats_dir, *extra):
 def test_eval_command_edits_and_restores(tmp_path, stats_dir, capsys, dataset, n, extra):
     args = _eval_args(tmp_path, stats_dir, "--data", str(data_dir() / dataset), "--edits", str(n), *extra)
     assert cli.run(args) == 0  # run_evaluation checks the restored weights bit for bit
-    res = json.loads((tmp_path / "r.json").read_text())
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["n_records"] == n and res["mode"] == "all at once"
     assert len(res["before"]["records"]) == len(res["after"]["records"]) == n
     first = "ES" if res["kind"] == "counterfact" else "efficacy"
@@ -91,13 +91,13 @@ def test_eval_command_edits_and_restores(tmp_path, stats_dir, capsys, dataset, n
     if res["kind"] == "counterfact":
         assert "GE" in res["after"]["metrics"] and len(res["after"]["records"][0]["texts"]) == 10
     assert res["timing_s"]["eval_before"] > 0 and res["timing_s"]["edit"] > 0
-    md = (tmp_path / "r.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
     assert "| metric | unedited | edited |" in md and md in capsys.readouterr().out
 
 
 def test_eval_command_unedited_only(tmp_path, stats_dir):
     args = _eval_args(tmp_path, stats_dir, "--data", str(data_dir() / "zsre_eval_300.json"), "--edits", "2", "--no-edit")
     assert cli.run(args) == 0
-    res = json.loads((tmp_path / "r.json").read_text())
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["kind"] == "zsre" and res["after"] is None
     assert set(res["before"]["metrics"]) == {"S", "efficacy", "paraphrase", "specificity"}

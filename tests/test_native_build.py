@@ -31,14 +31,14 @@ def test_unavailable_native_raises_with_reason():
 
 
 def test_diagnosis_names_native_state():
-    r = subprocess.run([sys.executable, "-m", "memit_fast"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "memit_fast", "info"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "torch " in r.stdout and ("native: loaded" in r.stdout or "native: not used: " in r.stdout)
 
 
 def test_switch_off(monkeypatch):
     monkeypatch.setenv("MEMIT_FAST_NATIVE", "0")
-    r = subprocess.run([sys.executable, "-m", "memit_fast"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "memit_fast", "info"], cwd=ROOT, capture_output=True, text=True)
     assert "switched off by MEMIT_FAST_NATIVE=0" in r.stdout
 
 

@@ -24,5 +24,5 @@ for set in ${EVAL_SETS:-counterfact zsre}; do
   python -m memit_fast.eval --model-gguf "$gguf" --device cuda --batch-size 256 \
     --corpus "$corpus" --cache-dir /tmp/memit_fast_cache ${EVAL_ARGS:-} \
     --data "$data/${files[$set]}.json" \
-    --out "$out/eval_${names[$set]}.json" --markdown "$out/eval_${names[$set]}.md" 2>&1 | tee -a "$out/eval_log.txt"
+    --out "$out/eval_${names[$set]}" --overwrite 2>&1 | tee -a "$out/eval_log.txt"
 done

@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run with a time limit (SIGINT first:
 # 1. build from a clean tree: one command
 rm -rf build memit_fast/_native*.so
 stage build 150 "$OUT/build.log" env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-"$PY" -m memit_fast >>"$OUT/env.txt" 2>&1
+"$PY" -m memit_fast info >>"$OUT/env.txt" 2>&1
 
 # 2. tests of the kernels, solves and native module: the GPU ones, then the CPU ones as CI runs
 #    them (no CUDA device visible: torch paths, Triton in its interpreter, the CMake compile check)

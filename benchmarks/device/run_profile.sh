@@ -55,7 +55,7 @@ stage() {  # stage NAME LIMIT ARGS...: profile_edits with a time limit and a bud
 {
   echo "== environment ($(date -u +%FT%TZ), commit $MEMIT_FAST_COMMIT)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
-  "$PY" -m memit_fast 2>&1
+  "$PY" -m memit_fast info 2>&1
   [[ -f .device/data/counterfact_250.json ]] || echo "WARNING: .device/data/counterfact_250.json missing: using shared/data or the built-in records"
 } >>"$LOG"
 

@@ -29,13 +29,13 @@ stage() {  # stage NAME LIMIT CMD...
 }
 { date -u +%FT%TZ; echo "commit $MEMIT_FAST_COMMIT"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } >"$OUT/env.txt" 2>&1
 stage build 120 env MEMIT_FAST_BUILD_NATIVE=1 python3 -m pip install --no-build-isolation --no-deps -e .
-python3 -m memit_fast >>"$OUT/env.txt" 2>&1
+python3 -m memit_fast info >>"$OUT/env.txt" 2>&1
 stage convert 90 python3 -c "import memit_fast; print(memit_fast.default_model.convert())"
 stage demo 150 bash -c "python3 -m memit_fast.cli demo --quiet > $OUT/demo_gpu.txt 2>&1"
 EV=(python3 -m memit_fast.eval --device cuda --batch-size 256 --corpus "$corpus" --n-samples 2000)
-stage cf 240 "${EV[@]}" --data $data/counterfact_250.json --out "$OUT/eval_counterfact_250.json" --markdown "$OUT/eval_counterfact_250.md"
-stage zsre 120 "${EV[@]}" --data $data/zsre_eval_300.json --out "$OUT/eval_zsre_300.json" --markdown "$OUT/eval_zsre_300.md"
+stage cf 240 "${EV[@]}" --data $data/counterfact_250.json --out "$OUT/eval_counterfact_250"
+stage zsre 120 "${EV[@]}" --data $data/zsre_eval_300.json --out "$OUT/eval_zsre_300"
 stage sweep 200 python3 -m benchmarks.sweep_smollm2 --data $data/counterfact_250.json --corpus "$corpus" --out "$OUT/sweep_smollm2.json"
 { echo "== stages"; printf '%s\n' "${STATUS[@]}"; echo "== demo"; cat "$OUT/demo_gpu.txt"
-  for f in "$OUT"/eval_*.md; do echo "== $f"; cat "$f"; done
+  for f in "$OUT"/eval_*/report.md; do echo "== $f"; cat "$f"; done
   echo "== sweep"; grep -E "^\{" "$LOG" | tail -8; } | tee -a "$LOG"

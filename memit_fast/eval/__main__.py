@@ -1,10 +1,7 @@
 """`python -m memit_fast.eval --data FILE ...`: the `memit-fast eval` command on its own."""
 
-import argparse
 import sys
 
-from .cli import add_arguments, run
+from ..cli import main
 
-parser = argparse.ArgumentParser(prog="python -m memit_fast.eval", description=__doc__)
-add_arguments(parser)
-sys.exit(run(parser.parse_args()))
+sys.exit(main(["eval", *sys.argv[1:]]))

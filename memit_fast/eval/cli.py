@@ -1,4 +1,5 @@
-"""`memit-fast eval`: edit the first N records of a data file, print before/after, write JSON.
+"""`memit-fast eval`: edit the first N records of a data file, print before/after, and write
+results.json (with per-record values) and report.md into the --out directory.
 
 Wiring into the main CLI:  p = subparsers.add_parser("eval"); add_arguments(p);
 p.set_defaults(func=run)  ->  exit code run(args). Standalone: `python -m memit_fast.eval ...`.
@@ -8,62 +9,59 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import platform
 import subprocess
-import sys
 
 import torch
 
+from ..cli import UsageError, add_common, check_out, model_spec, output_dir, positive_int, read_json
 from .report import markdown_report, write_json
-from .run import KINDS, load_records, run_evaluation
+from .run import KINDS, run_evaluation
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
+
+# Keys each record of a kind needs (fluency also reads CounterFact's generation_prompts).
+REQUIRED = {
+    "counterfact": ("requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"),
+    "zsre": ("src", "subject", "answers", "rephrase", "loc", "loc_ans"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser, outputs=True)
     a = parser.add_argument
-    a("--model", default=None, help="Hugging Face model directory (default: the default model)")
-    a("--model-gguf", default=None, metavar="PATH", help="load this GGUF file instead of --model")
     a("--data", required=True, metavar="FILE", help="CounterFact or zsRE (zsre_mem_eval) JSON file")
     a("--kind", choices=(*KINDS, "auto"), default="auto", help="record format (default: from the keys)")
-    a("--edits", type=int, default=None, metavar="N", help="use the first N records (default: all)")
-    a("--batch-size", type=int, default=64, metavar="B", help="(prompt, target) pairs per forward")
-    a("--edit-batch", type=int, default=None, metavar="E", help="edit in batches of E (default: all N)")
+    a("--edits", "--limit", dest="edits", type=positive_int, default=None, metavar="N", help="use the first N records (default: all)")
+    a("--batch-size", type=positive_int, default=64, metavar="B", help="(prompt, target) pairs per forward")
+    a("--edit-batch", type=positive_int, default=None, metavar="E", help="edit in batches of E (default: all N)")
     a("--sequential", action="store_true", help="apply the edit batches one after another, then evaluate")
     a("--no-edit", action="store_true", help="evaluate the unedited model only")
-    a("--hparams", default=None, metavar="JSON", help="MEMIT hyper-parameters in the original format (default: the model's preset)")
-    a("--n-samples", type=int, default=None, help="statistics documents (default: the hyper-parameters' mom2_n_samples)")
-    a("--corpus", default=None, help="statistics corpus passed to memit_fast.apply (text file, or 'model')")
-    a("--cache-dir", default=None, help="statistics cache directory passed to memit_fast.apply")
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    a("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as loaded)")
     a("--no-fluency", action="store_true", help="skip generation and n-gram entropy (CounterFact)")
-    a("--gen-length", type=int, default=100, metavar="T", help="tokens per generated text with its prompt")
-    a("--seed", type=int, default=0, help="seed of the fluency sampling and of the edit")
-    a("--out", default=None, metavar="FILE", help="write the results (with per-record values) as JSON")
-    a("--markdown", default=None, metavar="FILE", help="write the report as Markdown")
+    a("--gen-length", type=positive_int, default=100, metavar="T", help="tokens per generated text with its prompt")
+    a("--out", default=None, metavar="DIR", help="write results.json (with per-record values) and report.md into DIR")
 
 
-def load_model(model: str | None, model_gguf: str | None, device: str | None, dtype: str | None):
-    """(model, tok): a GGUF file, an HF directory, or memit_fast.load_default_model()."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = DTYPES[dtype] if dtype else None
-    if model is None and model_gguf is None:
-        from memit_fast import load_default_model
-
-        return load_default_model(device=device, dtype=dt)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_gguf:
-        kw = dict(gguf_file=os.path.basename(model_gguf))
-        model = os.path.dirname(os.path.abspath(model_gguf))
-    else:
-        kw = {}
-    tok = AutoTokenizer.from_pretrained(model, **kw)
-    lm = AutoModelForCausalLM.from_pretrained(model, **kw).to(device=device, dtype=dt)
-    return lm.eval(), tok
+def check_records(path: str, kind: str) -> tuple[list[dict], str]:
+    """(records, kind) of a data file: a non-empty JSON list of records that all have the keys of
+    `kind` (detected from the first record when "auto")."""
+    records = read_json(path, "data file")
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise UsageError(f"data file {path} must hold a non-empty JSON list of records")
+    found = next((k for k, keys in REQUIRED.items() if all(key in records[0] for key in keys)), None)
+    if kind == "auto":
+        if found is None:
+            raise UsageError(f"data file {path}: records are neither CounterFact nor zsRE (keys: {sorted(records[0])})")
+        kind = found
+    elif found is not None and found != kind:
+        raise UsageError(f"data file {path} holds {found} records, not {kind}: pass --kind {found} or leave --kind out")
+    for i, r in enumerate(records):
+        missing = [key for key in REQUIRED[kind] if key not in r]
+        if missing:
+            raise UsageError(f"data file {path}: record {i} is not a {kind} record (missing {', '.join(missing)})")
+    return records, kind
 
 
 def _commit() -> str | None:
@@ -106,25 +104,19 @@ def _meta(args, model, kind: str, load_at_start: float) -> dict:
 
 
 def run(args) -> int:
-    records = load_records(args.data)
+    records, kind = check_records(args.data, args.kind)
     if args.edits is not None:
         records = records[: args.edits]
-    if not records:
-        print("no records to evaluate", file=sys.stderr)
-        return 2
-    model, tok = load_model(args.model, args.model_gguf, args.device, args.dtype)
+    if args.out:
+        check_out(args.out, args.overwrite)
+    spec = model_spec(args)
+    model, tok, hparams = spec.load()
     load_at_start = os.getloadavg()[0]
-    opts = {k: v for k, v in (("corpus", args.corpus), ("cache_dir", args.cache_dir)) if v is not None}
-    from memit_fast import MEMITHyperParams, presets
-
-    hparams = MEMITHyperParams.from_json(args.hparams) if args.hparams else presets.for_model(model)
-    if args.n_samples:
-        hparams = hparams.replace(mom2_n_samples=args.n_samples)
     result = run_evaluation(
         model,
         tok,
         records,
-        kind=args.kind,
+        kind=kind,
         edit=not args.no_edit,
         edit_batch=args.edit_batch,
         sequential=args.sequential,
@@ -133,7 +125,8 @@ def run(args) -> int:
         gen_length=args.gen_length,
         seed=args.seed,
         hparams=hparams,
-        apply_options=opts | {"seed": args.seed},
+        apply_options={"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet},
+        log=log.info,
     )
     result["meta"] = _meta(args, model, result["kind"], load_at_start) | {
         "statistics_corpus": args.corpus or hparams.mom2_dataset,
@@ -142,8 +135,7 @@ def run(args) -> int:
     text = markdown_report(result)
     print(text)
     if args.out:
-        write_json(args.out, result)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        with output_dir(args.out) as tmp:
+            write_json(tmp / "results.json", result)
+            (tmp / "report.md").write_text(text, encoding="utf-8")
     return 0
