@@ -321,12 +321,24 @@ def cmd_stats(args) -> int:
     spec = model_spec(args)
     model, tok, hp = spec.load()
     cache = args.cache_dir or _default_cache()
+    if args.import_path:
+        from .stats_npz import import_npz
+
+        written = import_npz(args.import_path, model, hp, layers=args.layers, corpus=args.corpus, cache_dir=cache)
+        for layer, path in sorted(written.items()):
+            print(f"layer {layer}: imported into {path}")
+        return 0
     start = time.perf_counter()
     stats = compute_stats(model, tok, hp, args.layers, corpus=args.corpus, max_length=args.max_length, cache_dir=cache,
                           seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(f"statistics for layers {sorted(stats)} in {time.perf_counter() - start:.1f} s, cache: {cache}")
     for layer, s in stats.items():
         print(f"layer {layer}: {s.count} tokens, C {tuple(s.mom2.shape)} {s.mom2.dtype}, trace {float(s.mom2.diagonal().sum()):.4g}")
+    if args.export:
+        from .stats_npz import export_npz
+
+        for layer, path in sorted(export_npz(args.export, model, stats, hp).items()):
+            print(f"layer {layer}: exported to {path}")
     return 0
 
 
@@ -351,21 +363,22 @@ def cmd_edit(args) -> int:
     print(f"edited {len(requests)} facts into layers {hp.layers} in {time.perf_counter() - start:.1f} s")
     with output_dir(args.out) as tmp:
         save_edit(tmp, args.save, model, tok, orig, hp, requests)
-    print(f"saved the {'edited model' if args.save == 'model' else 'weight deltas'} to {args.out}")
+    print(f"saved the {dict(edits='edit', peft='PEFT adapter', model='edited model')[args.save]} to {args.out}")
     return 0
 
 
 def save_edit(out: Path, save: str, model, tok, orig: dict, hp, requests: list) -> None:
-    """Write the edit into the directory `out`: the edited model, or deltas.safetensors."""
+    """Write the edit into the directory `out`: `edits`, the edit as an artifact (exact low-rank
+    factors, or dense past break-even, with the base model's fingerprint, the hyper-parameters
+    and the requests; `memit_fast.load_edits` / `apply_edits` read it); `peft`, the same as a PEFT
+    LoRA adapter; `model`, the whole edited model."""
     if save == "model":
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return
-    from safetensors.torch import save_file
+    from .artifacts import save_edits
 
-    params = dict(model.named_parameters())
-    deltas = {name: (params[name].detach().float().cpu() - w.float()).contiguous() for name, w in orig.items()}
-    save_file(deltas, out / "deltas.safetensors", metadata={"hparams": json.dumps(hp.to_dict()), "n_requests": str(len(requests))})
+    save_edits(out, model, orig, hparams=hp, requests=requests, format="peft" if save == "peft" else "memit_fast")
 
 
 def cmd_info(args) -> int:
@@ -414,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.add_argument("--layers", type=layer_list, help="comma-separated layers (default: the hyper-parameters' layers)")
     p.add_argument("--max-length", type=positive_int, help="tokens per document (default: min(context, 1024))")
+    p.add_argument("--import", dest="import_path", metavar="PATH",
+                   help="read the original code's {module}_{dtype}_mom2_{n}.npz statistics (a file or a folder) into the cache instead of computing")
+    p.add_argument("--export", metavar="DIR", help="also write the statistics in the original code's .npz layout under DIR")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("edit", help="apply requests from a JSON file and save the edit in a directory")
@@ -421,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", required=True, metavar="FILE", help="JSON list of requests or CounterFact records")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N requests (default: all)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written when the edit is done, atomically)")
-    p.add_argument("--save", choices=["deltas", "model"], default="deltas",
-                   help="deltas: the edited weights' differences (deltas.safetensors); model: the whole edited model")
+    p.add_argument("--save", choices=["edits", "peft", "model"], default="edits",
+                   help="edits: the edit as exact low-rank factors with its base model, hparams and requests (load_edits reads it); "
+                        "peft: a PEFT LoRA adapter of the same factors; model: the whole edited model")
     p.add_argument("--mode", choices=["fast", "reference"], default="fast",
                    help="fast: batched; reference: the original's structure, one request at a time (slow)")
     p.set_defaults(func=cmd_edit)

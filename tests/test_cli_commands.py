@@ -6,10 +6,15 @@ import json
 
 import pytest
 import transformers
-from safetensors.torch import load_file
 
 import tiny
 from memit_fast import cli
+from memit_fast.artifacts import load_edits
+
+
+def _edit_files(out):
+    """{parameter name: dense delta} of the edit saved in `out` (memit_fast's artifact format)."""
+    return {e.name: e.delta() for e in load_edits(out).layers}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def test_edit_writes_its_directory_once_and_refuses_to_overwrite(setup, tmp_path
     captured = capsys.readouterr()
     assert "edited 2 facts" in captured.out
     assert "memit_fast.api: statistics: corpus" in captured.err and "memit_fast.api: update: solve method auto" in captured.err
-    deltas = load_file(out / "deltas.safetensors")
+    deltas = _edit_files(out)
     assert len(deltas) == 2 and any(t.abs().max() > 0 for t in deltas.values())
     assert _leftovers(tmp_path) == []
 
@@ -63,16 +68,16 @@ def test_edit_writes_its_directory_once_and_refuses_to_overwrite(setup, tmp_path
         mp.setattr(cli.ModelSpec, "load", no_load)
         assert cli.main(argv) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert load_file(out / "deltas.safetensors").keys() == deltas.keys()
+    assert _edit_files(out).keys() == deltas.keys()
 
     def broken_save(out_dir, *a):
-        (out_dir / "deltas.safetensors").write_bytes(b"half")
-        raise OSError(28, "No space left on device", str(out_dir / "deltas.safetensors"))
+        (out_dir / "edits.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(out_dir / "edits.safetensors"))
 
     monkeypatch.setattr(cli, "save_edit", broken_save)
     code = cli.main([*argv, "--overwrite", "--quiet"])
     assert code == 2 and capsys.readouterr().err.startswith("memit-fast: error: No space left on device: ")
-    assert load_file(out / "deltas.safetensors").keys() == deltas.keys()  # the old result is intact
+    assert _edit_files(out).keys() == deltas.keys()  # the old result is intact
     assert _leftovers(tmp_path) == []
 
 
@@ -82,7 +87,21 @@ def test_quiet_silences_transformers_and_the_log(setup, tmp_path, capsys):
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
     assert capsys.readouterr().err == ""
-    assert (out / "deltas.safetensors").exists()
+    assert (out / "edits.json").exists()
+
+
+def test_edit_saves_a_peft_adapter_and_stats_export_import_round_trip(setup, tmp_path, capsys):
+    out = tmp_path / "peft"
+    assert cli.main(["edit", "--requests", str(setup / "reqs.json"), "--out", str(out), "--save", "peft", "--quiet", *_common(setup)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (out / "adapter_model.safetensors").exists()
+    npz = tmp_path / "npz"
+    assert cli.main(["stats", "--export", str(npz), "--quiet", *_common(setup)]) == 0
+    assert "exported to" in capsys.readouterr().out
+    common = _common(setup)
+    common[common.index("--cache-dir") + 1] = str(tmp_path / "fresh-cache")
+    assert cli.main(["stats", "--import", str(npz), "--quiet", *common]) == 0
+    assert capsys.readouterr().out.count("imported into") == 2
 
 
 def test_eval_writes_its_out_directory(setup, tmp_path, capsys):
