@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .hparams import MEMITHyperParams
-from .kernels.capture import gather_rows
+from .ops import gather_rows
 from .model_access import StopForward, block_output, float_dtype, get_module, hidden_size, hooks, in_features, model_device, run_until_stop
 from .templates import group_index
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right

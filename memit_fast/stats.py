@@ -28,7 +28,7 @@ from . import __version__
 from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams
-from .kernels.covariance import CovarianceAccumulator
+from .ops import CovarianceAccumulator
 from .model_access import StopForward, get_module, hooks, in_features, model_device, rewrite_weights, run_until_stop
 from .tokens import length_batches, pad_id, pad_right
 
