@@ -119,7 +119,7 @@ def solve_delta_weights(
     potrf_block: int = POTRF_BLOCK,
     potrs_block: int = POTRS_BLOCK,
 ) -> torch.Tensor:
-    """Delta W = R A^T = ((lam cov + K K^T)^-1 K R^T)^T (MEMIT.md section 5 steps 4-5).
+    """Delta W = R A^T = ((lam cov + K K^T)^-1 K R^T)^T (docs/algorithm.md section 5).
 
     resid R: (m, n), the residuals of section 5 step 3 (m = d_model), same device. Returns
     Delta W (m, d), contiguous, in the compute dtype (as solve_update_keys); transpose it for
