@@ -28,6 +28,8 @@ from .errors import MemitError, NotPositiveDefiniteError, SolveError
 from .kernels.gram import gram_fp16x3
 
 ABI_VERSION = 2  # must equal _native.ABI_VERSION (csrc/bindings.cpp)
+POTRF_BLOCK = 2048  # default diagonal block of the factor (larger: trsm/syrk recursion around cuSOLVER)
+POTRS_BLOCK = 2048  # default diagonal block of the triangular solves (GEMM between them)
 BUILD_HINT = "build it with `MEMIT_FAST_BUILD_NATIVE=1 python -m pip install --no-build-isolation --no-deps -e .`"
 
 _module = None
@@ -160,10 +162,11 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# ---- the solve ops (memit_fast/ops.py): CUDA implementations, then their twins ----
+# ---- the solve ops (memit_fast/ops.py): CUDA implementations, then their twins. The dispatcher
+# ---- passes only the arguments the caller gave, so the defaults here are the schema's ----
 
 
-def factor_scaled_cov_native(cov: torch.Tensor, lam: float, dtype: torch.dtype, potrf_block: int) -> torch.Tensor:
+def factor_scaled_cov_native(cov: torch.Tensor, lam: float, dtype: torch.dtype, potrf_block: int = POTRF_BLOCK) -> torch.Tensor:
     L = (cov.to(dtype) * lam).contiguous()
     with _on_device(cov):
         info = torch.cat([potrf(m, True, potrf_block) for m in L.reshape(-1, L.shape[-1], L.shape[-1])])
@@ -171,7 +174,7 @@ def factor_scaled_cov_native(cov: torch.Tensor, lam: float, dtype: torch.dtype, 
     return L.tril_()
 
 
-def solve_cholesky_native(cov, keys, lam, dtype, resid, potrf_block, potrs_block) -> torch.Tensor:
+def solve_cholesky_native(cov, keys, lam, dtype, resid=None, potrf_block=POTRF_BLOCK, potrs_block=POTRS_BLOCK) -> torch.Tensor:
     d, n = keys.shape
     k = keys.to(dtype).contiguous()  # row-major (d, n): column-major n x d
     g = torch.empty(d, d, dtype=dtype, device=cov.device).copy_(cov)
@@ -193,7 +196,7 @@ def _factor_and_solve(g, b, keys_form, potrf_block, potrs_block) -> torch.Tensor
     return check_finite(b.mT.contiguous() if keys_form else b, "cholesky solve")
 
 
-def solve_mixed_native(cov, keys, lam, dtype, resid, potrf_block, potrs_block) -> torch.Tensor:
+def solve_mixed_native(cov, keys, lam, dtype, resid=None, potrf_block=POTRF_BLOCK, potrs_block=POTRS_BLOCK) -> torch.Tensor:
     """solve_cholesky_native with K K^T and K R^T from one fp16x3 tensor-core product
     (kernels/gram.py, float32 accuracy) instead of fp64 syrk/gemm; G's factor and the solve stay
     in `dtype`. float64 keys keep the fp64 products."""
@@ -214,7 +217,7 @@ def solve_mixed_native(cov, keys, lam, dtype, resid, potrf_block, potrs_block) -
         return _factor_and_solve(g, b, resid is None, potrf_block, potrs_block)
 
 
-def solve_woodbury_native(factor, keys, dtype, resid, potrf_block) -> torch.Tensor:
+def solve_woodbury_native(factor, keys, dtype, resid=None, potrf_block=POTRF_BLOCK) -> torch.Tensor:
     d, n = keys.shape
     L = factor.to(dtype).contiguous()  # row-major lower = column-major upper U, U^T U = lam C
     y = torch.empty(n, d, dtype=dtype, device=keys.device).copy_(keys.mT)  # column-major d x n

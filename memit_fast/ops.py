@@ -23,9 +23,7 @@ import torch
 from . import native
 from .kernels import capture, covariance, gram
 from .kernels.covariance import TileConfig
-
-POTRF_BLOCK = 2048  # default diagonal block of the native factor (larger: trsm/syrk recursion)
-POTRS_BLOCK = 2048  # default diagonal block of the native triangular solves (GEMM between them)
+from .native import POTRF_BLOCK, POTRS_BLOCK
 
 
 def _declare(name: str, schema: str, mutates: tuple[str, ...], reference, cuda, fake) -> None:

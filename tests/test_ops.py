@@ -61,7 +61,7 @@ def test_compiles_fullgraph(case, device):
     eager_args = args(device)
     compiled_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in eager_args]
     want = call(*eager_args)
-    got = torch.compile(call, fullgraph=True, backend="inductor")  # CPU: C++ from inductor(*compiled_args)
+    got = torch.compile(call, fullgraph=True, backend="inductor")(*compiled_args)  # CPU: inductor's C++
     if want is None:  # a mutating op: compare the mutated arguments
         want, got = [a for a in eager_args if isinstance(a, torch.Tensor)], [a for a in compiled_args if isinstance(a, torch.Tensor)]
         want, got = torch.cat([w.flatten().double() for w in want]), torch.cat([g.flatten().double() for g in got])

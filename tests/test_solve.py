@@ -150,10 +150,13 @@ def test_native_call_sequence_on_cpu_stand_in(stand_in, dtype):
         cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
         ref = truth(cov, keys)
         want = resid.double() @ ref.mT
-        assert rel(_unchanged(native.solve_cholesky_native, cov, keys, LAM, dtype, None, 64, 64), ref) < tol
-        L = _unchanged(native.factor_scaled_cov_native, torch.stack([cov, cov]), LAM, dtype, 64)
+        # the op's arguments as the dispatcher passes them: those the caller gave (schema defaults)
+        assert rel(_unchanged(native.solve_cholesky_native, cov, keys, LAM, dtype), ref) < tol
+        L = _unchanged(native.factor_scaled_cov_native, torch.stack([cov, cov]), LAM, dtype)
         assert torch.equal(L, L.tril()) and rel(L[1], native.factor_scaled_cov_reference(cov, LAM, torch.float64)) < tol
-        assert rel(_unchanged(native.solve_woodbury_native, L[0], keys, dtype, None, 64), ref) < tol
+        assert rel(_unchanged(native.solve_woodbury_native, L[0], keys, dtype), ref) < tol
+        assert rel(native.solve_cholesky_native(cov, keys, LAM, dtype, None, 64, 64), ref) < tol
+        assert rel(native.solve_woodbury_native(native.factor_scaled_cov_native(cov, LAM, dtype, 64), keys, dtype, None, 64), ref) < tol
         assert rel(_unchanged(native.solve_cholesky_native, cov, keys, LAM, dtype, resid, 64, 64), want) < tol
         assert rel(_unchanged(native.solve_woodbury_native, L[0], keys, dtype, resid, 64), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
@@ -204,7 +207,7 @@ def test_mixed_on_cpu_stand_in(stand_in, d, n, m):
     ref = truth(cov, keys)
     mixed = lambda *a: native.solve_mixed_native(*a, 64, 64)  # noqa: E731
     if m is None:
-        a = _unchanged(mixed, cov, keys, LAM, torch.float64, None)
+        a = _unchanged(native.solve_mixed_native, cov, keys, LAM, torch.float64)
         assert a.shape == (d, n) and a.dtype == torch.float64 and rel(a, ref) < 2e-6
         return
     resid = torch.randn(m, n)
