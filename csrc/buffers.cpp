@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -21,8 +22,13 @@ struct Mat {
   }
 };
 
-[[noreturn]] void fail(const std::string& op, const std::string& name, const std::string& what) {
-  throw std::invalid_argument(op + ": " + name + " " + what);
+// Throws std::invalid_argument (ValueError in Python) "op: name <parts...>".
+template <typename... Parts>
+[[noreturn]] void fail(const std::string& op, const std::string& name, const Parts&... parts) {
+  std::ostringstream s;
+  s << op << ": " << name << " ";
+  (s << ... << parts);
+  throw std::invalid_argument(s.str());
 }
 
 std::string shape_str(const Buffer& b) {
@@ -32,10 +38,10 @@ std::string shape_str(const Buffer& b) {
 }
 
 void check_common(const std::string& op, const std::string& name, const Buffer& b, int device) {
-  if (b.shape.size() != b.strides.size()) fail(op, name, "has " + std::to_string(b.shape.size()) + " sizes but " + std::to_string(b.strides.size()) + " strides");
-  if (b.device != device) fail(op, name, "is on device " + std::to_string(b.device) + ", the other operands on " + std::to_string(device));
+  if (b.shape.size() != b.strides.size()) fail(op, name, "has ", b.shape.size(), " sizes but ", b.strides.size(), " strides");
+  if (b.device != device) fail(op, name, "is on device ", b.device, ", the other operands on ", device);
   for (auto s : b.shape)
-    if (s < 0 || s > INT_MAX) fail(op, name, "has a size outside [0, 2^31): " + shape_str(b));
+    if (s < 0 || s > INT_MAX) fail(op, name, "has a size outside [0, 2^31): ", shape_str(b));
   std::int64_t numel = 1;
   for (auto s : b.shape) numel *= s;
   if (numel > 0 && b.ptr == 0) fail(op, name, "has a null address");
@@ -44,31 +50,36 @@ void check_common(const std::string& op, const std::string& name, const Buffer& 
 // A 2-d float buffer of `dtype` with unit column stride: column-major shape[1] x shape[0], ld strides[0].
 Mat matrix(const std::string& op, const std::string& name, const Buffer& b, const std::string& dtype, int device) {
   check_common(op, name, b, device);
-  if (b.dtype != dtype) fail(op, name, "must be " + dtype + ", not " + b.dtype);
-  if (b.shape.size() != 2) fail(op, name, "must be 2-d, got shape " + shape_str(b));
-  if (b.shape[1] > 1 && b.strides[1] != 1) fail(op, name, "must have contiguous rows (unit last stride), got strides (" + std::to_string(b.strides[0]) + ", " + std::to_string(b.strides[1]) + ")");
-  if (b.strides[0] < std::max<std::int64_t>(1, b.shape[1]) || b.strides[0] > INT_MAX) fail(op, name, "has row stride " + std::to_string(b.strides[0]) + ", need >= " + std::to_string(b.shape[1]) + " (its leading dimension)");
-  return {b.ptr, static_cast<int>(b.shape[1]), static_cast<int>(b.shape[0]), static_cast<int>(b.strides[0]), dtype == "float64"};
+  if (b.dtype != dtype) fail(op, name, "must be ", dtype, ", not ", b.dtype);
+  if (b.shape.size() != 2) fail(op, name, "must be 2-d, got shape ", shape_str(b));
+  if (b.shape[1] > 1 && b.strides[1] != 1)
+    fail(op, name, "must have contiguous rows (unit last stride), got strides (", b.strides[0], ", ", b.strides[1], ")");
+  if (b.strides[0] < std::max<std::int64_t>(1, b.shape[1]) || b.strides[0] > INT_MAX)
+    fail(op, name, "has row stride ", b.strides[0], ", need >= ", b.shape[1], " (its leading dimension)");
+  return {b.ptr, static_cast<int>(b.shape[1]), static_cast<int>(b.shape[0]), static_cast<int>(b.strides[0]),
+          dtype == "float64"};
 }
 
 Mat float_matrix(const std::string& op, const std::string& name, const Buffer& b) {
-  if (b.dtype != "float32" && b.dtype != "float64") fail(op, name, "must be float32 or float64, not " + b.dtype);
+  if (b.dtype != "float32" && b.dtype != "float64") fail(op, name, "must be float32 or float64, not ", b.dtype);
   return matrix(op, name, b, b.dtype, b.device);
 }
 
 Mat square(const std::string& op, const std::string& name, const Buffer& b) {
   Mat m = float_matrix(op, name, b);
-  if (m.rows != m.cols) fail(op, name, "must be square, got shape " + shape_str(b));
+  if (m.rows != m.cols) fail(op, name, "must be square, got shape ", shape_str(b));
   return m;
 }
 
 // A contiguous 1-d buffer of `dtype` with at least `count` elements (exactly, if `exact`).
 void check_vector(const std::string& op, const std::string& name, const Buffer& b, const std::string& dtype, int device,
-            std::int64_t count, bool exact) {
+                  std::int64_t count, bool exact) {
   check_common(op, name, b, device);
-  if (b.dtype != dtype) fail(op, name, "must be " + dtype + ", not " + b.dtype);
-  if (b.shape.size() != 1 || (b.shape[0] > 1 && b.strides[0] != 1)) fail(op, name, "must be a contiguous 1-d buffer, got shape " + shape_str(b));
-  if (exact ? b.shape[0] != count : b.shape[0] < count) fail(op, name, "has " + std::to_string(b.shape[0]) + " elements, need " + (exact ? "" : "at least ") + std::to_string(count));
+  if (b.dtype != dtype) fail(op, name, "must be ", dtype, ", not ", b.dtype);
+  if (b.shape.size() != 1 || (b.shape[0] > 1 && b.strides[0] != 1))
+    fail(op, name, "must be a contiguous 1-d buffer, got shape ", shape_str(b));
+  if (exact ? b.shape[0] != count : b.shape[0] < count)
+    fail(op, name, "has ", b.shape[0], " elements, need ", exact ? "" : "at least ", count);
 }
 
 void steps(std::int64_t o, std::int64_t n, std::int64_t block, std::vector<std::array<std::int64_t, 3>>& out) {
@@ -135,7 +146,9 @@ void potrs(const Buffer& a, const Buffer& b, bool upper, std::int64_t block, con
   const Mat f = square("potrs", "a", a);
   const Mat x = matrix("potrs", "b", b, a.dtype, a.device);
   check_vector("potrs", "info", info, "int32", a.device, 1, false);
-  if (x.rows != f.rows) fail("potrs", "b", "has " + std::to_string(x.rows) + " rows as a column-major matrix (row-major shape " + shape_str(b) + "), a is " + std::to_string(f.rows) + " x " + std::to_string(f.rows));
+  if (x.rows != f.rows)
+    fail("potrs", "b", "has ", x.rows, " rows as a column-major matrix (row-major shape ", shape_str(b), "), a is ",
+         f.rows, " x ", f.rows);
   const Call c{stream, a.device};
   const int n = f.rows, r = x.cols;
   if (!upper || block <= 0 || n <= block) {
@@ -162,14 +175,18 @@ void syrk(const Buffer& a, const Buffer& c, bool upper, bool trans, double alpha
   const Mat out = square("syrk", "c", c);
   const Mat in = matrix("syrk", "a", a, c.dtype, c.device);
   const int n = trans ? in.cols : in.rows, k = trans ? in.rows : in.cols;
-  if (n != out.rows) fail("syrk", "a", "gives op(a) with " + std::to_string(n) + " rows (row-major shape " + shape_str(a) + "), c is " + std::to_string(out.rows) + " x " + std::to_string(out.rows));
+  if (n != out.rows)
+    fail("syrk", "a", "gives op(a) with ", n, " rows (row-major shape ", shape_str(a), "), c is ", out.rows, " x ",
+         out.rows);
   syrk(Call{stream, c.device}, out.f64, upper, trans, n, k, alpha, in.ptr, in.ld, beta, out.ptr, out.ld);
 }
 
 void trsm(const Buffer& t, const Buffer& b, bool left, bool upper, bool trans, double alpha, std::uintptr_t stream) {
   const Mat tri = square("trsm", "t", t);
   const Mat x = matrix("trsm", "b", b, t.dtype, t.device);
-  if ((left ? x.rows : x.cols) != tri.rows) fail("trsm", "b", "is " + std::to_string(x.rows) + " x " + std::to_string(x.cols) + " (column-major), t is " + std::to_string(tri.rows) + " x " + std::to_string(tri.rows) + (left ? " on the left" : " on the right"));
+  if ((left ? x.rows : x.cols) != tri.rows)
+    fail("trsm", "b", "is ", x.rows, " x ", x.cols, " (column-major), t is ", tri.rows, " x ", tri.rows,
+         left ? " on the left" : " on the right");
   trsm(Call{stream, t.device}, tri.f64, left, upper, trans, x.rows, x.cols, alpha, tri.ptr, tri.ld, x.ptr, x.ld);
 }
 

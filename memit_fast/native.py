@@ -8,8 +8,8 @@ offsets and the column-major views are computed there. Column-major calls on row
 a row-major lower triangle is cuBLAS' upper one, and a row-major (n, d) buffer is a column-major
 d x n matrix.
 
-The module is loaded lazily, on the first call of `available()`, `why_unavailable()` or `lib()`. The module
-itself needs no CUDA toolkit to build; it dlopen()s libcublas and libcusolver at run time, taking
+The module is loaded lazily, on the first call of `available()`, `why_unavailable()` or
+`lib()`. It needs no CUDA toolkit to build; it dlopen()s libcublas and libcusolver at run time, taking
 the copies this process already mapped (torch's), else those of the nvidia-cublas /
 nvidia-cusolver wheels, else the sonames on the loader path. `MEMIT_FAST_NATIVE=0` switches it off.
 Without it memit_fast runs its PyTorch path; only an explicit native call raises, saying why.
