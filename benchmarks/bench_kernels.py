@@ -21,7 +21,7 @@ if not CUDA:
 
 import triton  # noqa: E402
 
-from memit_fast import solve  # noqa: E402
+from memit_fast import ops, solve  # noqa: E402
 from memit_fast.kernels import capture, covariance  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -74,11 +74,11 @@ def test_covariance(benchmark, provider, model):
     d = D_FF[model]
     x = torch.randn(TOKENS, d, device=DEV).to(torch.bfloat16)
     if provider == "memit_fast":
-        acc = covariance.CovarianceAccumulator(d, DEV, torch.bfloat16)
+        acc = ops.CovarianceAccumulator(d, DEV, torch.bfloat16)
         fn = lambda: acc.add(x)  # noqa: E731
     else:
         total = torch.zeros(d, d, dtype=torch.float64, device=DEV)
-        fn = lambda: covariance.covariance_update_reference(total, x)  # noqa: E731
+        fn = lambda: covariance.covariance_update_reference(total, x)  # noqa: E731 - float32 products, float64 sum
     run(benchmark, fn, flops=TOKENS * d * (d + 1), rounds=10 if provider == "memit_fast" else 3, N=TOKENS, d=d)
 
 
@@ -89,7 +89,7 @@ def test_capture(benchmark, provider, model):
     h = torch.randn(8, max(TOKENS // 8, n // 8 + 1), d, device=DEV).to(torch.bfloat16)
     index = torch.randint(0, h.shape[0] * h.shape[1], (n,), device=DEV)
     out = torch.empty(n, d, device=DEV)
-    op = capture.gather_rows if provider == "memit_fast" else capture.gather_rows_reference
+    op = ops.gather_rows if provider == "memit_fast" else capture.gather_rows_reference
     run(benchmark, lambda: op(h, index, out), bytes_=n * d * 6, rounds=20, n=n, d=d)
 
 

@@ -39,8 +39,9 @@ if not CUDA:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 
-from memit_fast import native, solve  # noqa: E402
+from memit_fast import native, ops, solve  # noqa: E402
 from memit_fast.kernels import capture, covariance  # noqa: E402
+from memit_fast.ops import POTRF_BLOCK, POTRS_BLOCK  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 ROWS: list[dict] = []
@@ -140,7 +141,7 @@ def covariance_section(ceil: dict, tiny: bool) -> None:
         ms = bench(lambda: covariance.syrk_lower_(out, x[mask], accumulate=True), reps=10)
         record("covariance", "compaction x[mask] + dense", ms, flops=int(mask.sum()) * d * (d + 1), ceiling=bf16_peak, provider="memit_fast", **shape)
         # the accumulator, steady state, as the statistics loop runs it (fold every 2^18 tokens)
-        acc = covariance.CovarianceAccumulator(d, DEV, torch.bfloat16, backend="triton")
+        acc = ops.CovarianceAccumulator(d, DEV, torch.bfloat16, backend="triton")
         xb = x.reshape(8, n // 8, d)
         mb = mask.reshape(8, n // 8)
         ms = bench(lambda: acc.add(xb, mask=mb), reps=20)
@@ -172,7 +173,7 @@ def capture_section(ceil: dict, tiny: bool) -> None:
         out = torch.empty(n, d, dtype=torch.float32, device=DEV)
         moved = n * d * (2 + 4)
         shape = {"B": B, "S": S, "d": d, "n": n}
-        ms = bench(lambda: capture.gather_rows(h, index, out), reps=20)
+        ms = bench(lambda: ops.gather_rows(h, index, out), reps=20)
         record("capture", "gather_rows bf16->fp32", ms, bytes_=moved, ceiling=("gbs", ceil.get("copy_gbs")), provider="memit_fast", **shape)
         ms = bench(lambda: capture.gather_rows_reference(h, index, out), reps=20)
         record("capture", "twin h[b, s] + copy_", ms, bytes_=moved, ceiling=("gbs", ceil.get("copy_gbs")), provider="reference", **shape)
@@ -247,9 +248,7 @@ def solve_components(cov, keys, resid, ceil) -> None:
     k64, r64 = keys.double(), resid.double()
     g = cov.clone()
     if native.available():
-        lib = native.lib()
-        kw = native.call_args(g)
-        ms = bench(lambda: lib.syrk(True, True, True, d, n, 1.0, k64.data_ptr(), n, LAM, g.data_ptr(), d, **kw), reps=3)
+        ms = bench(lambda: native.syrk(k64, g, True, True, 1.0, LAM), reps=3)
         record("solve", "products fp64: cuBLAS Dsyrk K K^T", ms, flops=n * d * (d + 1), ceiling=fp64_peak, provider="memit_fast", **shape)
     ms = bench(lambda: r64 @ k64.mT, reps=3)
     record("solve", "products fp64: torch R K^T (DGEMM)", ms, flops=2 * d * n * m, ceiling=fp64_peak, provider="torch", **shape)
@@ -259,22 +258,17 @@ def solve_components(cov, keys, resid, ceil) -> None:
     g = torch.addmm(cov, keys.double(), keys.double().mT, beta=LAM)
     b = torch.randn(m, d, dtype=torch.float64, device=DEV)
     work = torch.empty_like(g)
-    saved, best = solve.POTRF_BLOCK, {}
-    try:
-        for block in (0, 1024, 2048, 4096):
-            solve.POTRF_BLOCK = block
-
-            def factor():
-                work.copy_(g)
-                return solve._potrf_native(work, True, True, native.call_args(work))
-            copy_ms = bench(lambda: work.copy_(g), reps=5)
-            ms = bench(factor, reps=3) - copy_ms
-            info = int(factor())
-            name = "potrf fp64: one cuSOLVER call" if block == 0 else f"potrf fp64: recursive, cuSOLVER blocks <= {block}"
-            record("solve", name, ms, flops=d**3 / 3, ceiling=fp64_peak, provider="memit_fast", info=info, **shape)
-            best[block] = ms
-    finally:
-        solve.POTRF_BLOCK = saved
+    best = {}
+    for block in (0, 1024, 2048, 4096):
+        def factor():
+            work.copy_(g)
+            return native.potrf(work, True, block)
+        copy_ms = bench(lambda: work.copy_(g), reps=5)
+        ms = bench(factor, reps=3) - copy_ms
+        info = int(factor())
+        name = "potrf fp64: one cuSOLVER call" if block == 0 else f"potrf fp64: recursive, cuSOLVER blocks <= {block}"
+        record("solve", name, ms, flops=d**3 / 3, ceiling=fp64_peak, provider="memit_fast", info=info, **shape)
+        best[block] = ms
     FASTEST_POTRF_BLOCK[0] = min(best, key=best.get)
     info = torch.zeros(1, dtype=torch.int32, device=DEV)
     rhs = torch.empty_like(b)
@@ -282,7 +276,7 @@ def solve_components(cov, keys, resid, ceil) -> None:
     for block in (0, 1024, 2048, 4096):
         def potrs():
             rhs.copy_(b)
-            solve._potrs_native(work, rhs, True, info, native.call_args(work), block=block)
+            native.potrs(work, rhs, True, block, info)
         ms = bench(potrs, reps=3) - bench(lambda: rhs.copy_(b), reps=5)
         name = f"potrs fp64, {m} rhs: cuSOLVER" if block == 0 else f"potrs fp64, {m} rhs: trsm blocks <= {block} + DGEMM"
         record("solve", name, ms, flops=2 * d * d * m, ceiling=fp64_peak, provider="memit_fast", **shape)
@@ -321,13 +315,11 @@ def solve_section(ceil: dict, tiny: bool) -> None:
             ("cholesky dW float32", {"method": "cholesky", "dtype": torch.float32}, "cholesky", False),
         ]
         fastest = (FASTEST_POTRF_BLOCK[0], FASTEST_POTRS_BLOCK[0])
-        if None not in fastest and fastest != (solve.POTRF_BLOCK, solve.POTRS_BLOCK):
+        if None not in fastest and fastest != (POTRF_BLOCK, POTRS_BLOCK):
             runs.insert(1, (f"auto (= {auto}) dW, POTRF/POTRS_BLOCK={fastest[0]}/{fastest[1]}", {"blocks": fastest}, auto, False))
         for name, kw, counted, factored in runs:
-            blocks = kw.pop("blocks", (solve.POTRF_BLOCK, solve.POTRS_BLOCK))
-            one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, **kw)  # noqa: E731
-            saved = solve.POTRF_BLOCK, solve.POTRS_BLOCK
-            solve.POTRF_BLOCK, solve.POTRS_BLOCK = blocks
+            blocks = kw.pop("blocks", (POTRF_BLOCK, POTRS_BLOCK))
+            one = lambda i: solve.solve_delta_weights(cov, keys[i], resid[i], LAM, potrf_block=blocks[0], potrs_block=blocks[1], **kw)  # noqa: E731
             try:
                 err = rel_err(one(0), ref)
                 ms = bench(lambda: [one(i) for i in range(layers)], reps=3, warmup=1)
@@ -336,8 +328,6 @@ def solve_section(ceil: dict, tiny: bool) -> None:
                        potrf_block=blocks[0], potrs_block=blocks[1], **shape)
             except Exception as e:  # noqa: BLE001
                 record("solve", f"{name}, {layers} layers", float("nan"), error=repr(e)[:300], **shape)
-            finally:
-                solve.POTRF_BLOCK, solve.POTRS_BLOCK = saved
         del keys, resid, ref
     # the error on a covariance with a realistic spectrum (4 decades plus a mean), GPT-J size
     del factor

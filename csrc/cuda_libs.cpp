@@ -50,6 +50,8 @@ void load_cuda_libs(const std::string& cublas_path, const std::string& cusolver_
   MEMIT_RESOLVE(blas, cublasDsyrk_v2);
   MEMIT_RESOLVE(blas, cublasStrsm_v2);
   MEMIT_RESOLVE(blas, cublasDtrsm_v2);
+  MEMIT_RESOLVE(blas, cublasSgemm_v2);
+  MEMIT_RESOLVE(blas, cublasDgemm_v2);
 #undef MEMIT_RESOLVE
   g_libs = libs;
   g_loaded = true;  // the library handles stay open for the life of the process

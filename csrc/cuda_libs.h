@@ -40,6 +40,10 @@ struct CudaLibs {
                         const float* a, int lda, float* b, int ldb);
   int (*cublasDtrsm_v2)(BlasHandle, int side, int uplo, int trans, int diag, int m, int n, const double* alpha,
                         const double* a, int lda, double* b, int ldb);
+  int (*cublasSgemm_v2)(BlasHandle, int transa, int transb, int m, int n, int k, const float* alpha, const float* a,
+                        int lda, const float* b, int ldb, const float* beta, float* c, int ldc);
+  int (*cublasDgemm_v2)(BlasHandle, int transa, int transb, int m, int n, int k, const double* alpha,
+                        const double* a, int lda, const double* b, int ldb, const double* beta, double* c, int ldc);
 };
 
 // dlopen()s the two libraries (paths or sonames) and resolves every symbol above.

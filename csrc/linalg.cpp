@@ -143,4 +143,21 @@ void trsm(const Call& c, bool f64, bool left, bool upper, bool trans, int m, int
   }
 }
 
+void gemm(const Call& c, bool f64, bool trans_a, bool trans_b, int m, int n, int k, double alpha, std::uintptr_t a,
+          int lda, std::uintptr_t b, int ldb, double beta, std::uintptr_t cmat, int ldc) {
+  const CudaLibs& lib = cuda_libs();
+  Handles& h = handles(c);
+  const int op_a = trans_a ? kOpT : kOpN, op_b = trans_b ? kOpT : kOpN;
+  if (f64) {
+    check_blas(lib.cublasDgemm_v2(h.blas, op_a, op_b, m, n, k, &alpha, ptr<const double>(a), lda, ptr<const double>(b),
+                                  ldb, &beta, ptr<double>(cmat), ldc),
+               "cublasDgemm");
+  } else {
+    const float af = static_cast<float>(alpha), bf = static_cast<float>(beta);
+    check_blas(lib.cublasSgemm_v2(h.blas, op_a, op_b, m, n, k, &af, ptr<const float>(a), lda, ptr<const float>(b), ldb,
+                                  &bf, ptr<float>(cmat), ldc),
+               "cublasSgemm");
+  }
+}
+
 }  // namespace memit_native

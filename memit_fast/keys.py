@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.capture import gather_rows
 from .layouts import Layout
 from .model_access import float_dtype, hidden_size, in_features, model_device
+from .ops import gather_rows
 from .templates import group_index
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 

@@ -28,9 +28,9 @@ from ._version import __version__
 from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams
-from .kernels.covariance import CovarianceAccumulator
 from .layouts import layout_for
 from .model_access import in_features, model_device, rewrite_weights
+from .ops import CovarianceAccumulator
 from .tokens import length_batches, pad_id, pad_right
 
 FORMAT_VERSION = "1"

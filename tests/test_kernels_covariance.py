@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from memit_fast import ops
 from memit_fast.kernels import covariance as cov
 
 U = 2.0**-24  # unit roundoff of fp32
@@ -118,10 +119,10 @@ def test_tile_table_covers_lower_triangle_once():
         assert torch.equal(torch.tril(count), torch.tril(torch.ones(d, d, dtype=torch.int32)))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton_loop), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton_loop), "torch", "auto"])
 def test_accumulator_masks_chunks_and_folds(backend):
     d = 72
-    acc = cov.CovarianceAccumulator(d, DEVICE, torch.bfloat16, backend=backend, fold_tokens=40, config=SMALL["tma"])
+    acc = ops.CovarianceAccumulator(d, DEVICE, torch.bfloat16, backend=backend, fold_tokens=40, config=SMALL["tma"])
     added = []  # float64 rows added, for the truth and the bound
     for b, s in [(2, 11), (1, 30), (3, 5), (4, 9)]:
         x = torch.randn(b, s, d, device=DEVICE).to(torch.bfloat16)
@@ -142,7 +143,7 @@ def test_accumulator_masks_chunks_and_folds(backend):
 
 
 def test_accumulator_rejects_bad_input():
-    acc = cov.CovarianceAccumulator(8, DEVICE, torch.float16, backend="torch")
+    acc = ops.CovarianceAccumulator(8, DEVICE, torch.float16, backend="torch")
     with pytest.raises(ValueError, match="no rows"):
         acc.mean()
     with pytest.raises(ValueError, match="expected"):
@@ -152,11 +153,42 @@ def test_accumulator_rejects_bad_input():
 
 
 def test_reference_twin():
-    acc = torch.zeros(6, 6, dtype=torch.float64)
-    x = torch.randn(2, 4, 6)
-    mask = torch.tensor([[True, False, True, True], [False, False, False, True]])
-    assert int(cov.covariance_update_reference(acc, x, mask)) == 4
-    assert torch.allclose(acc, truth(x[mask]), rtol=1e-6)
+    acc = torch.full((6, 6), float("nan"))
+    x = torch.randn(8, 6)
+    rows = torch.tensor([7, 0, 2, 3, 5])
+    cov.covariance_update_reference(acc, x, rows, torch.tensor([4]), accumulate=False)  # rows 7, 0, 2, 3
+    assert rel_lower(acc, truth(x, rows[:4])) < bound(rows64(x, rows[:4]))
+    cov.covariance_update_reference(acc, x)
+    assert rel_lower(acc, truth(x, rows[:4]) + truth(x)) < bound(rows64(x, rows[:4]), rows64(x))
+
+
+def test_float64_keys_go_through_as_float32():
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    mask = torch.rand(3, 10) < 0.5
+    acc = ops.CovarianceAccumulator(8, "cpu", torch.float64)
+    acc.add(x, mask=mask)
+    rows = rows64(x[mask].float())
+    assert acc.count == int(mask.sum()) and rel_lower(acc.state()[0], rows.mT @ rows) < bound(rows)
+
+
+# Kernel against twin, relative error of the lower triangle: both form float32 products (exact
+# for 16-bit inputs, one rounding each for float32 ones) and sum them in float32, in different
+# orders, so every input dtype gets the fp32 summation bound sqrt(N) u = 2.1e-6 at N = 300 (x4).
+TWIN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+@pytest.mark.triton_loop
+@pytest.mark.parametrize("dtype", list(TWIN_TOL))
+def test_kernel_matches_twin(dtype):
+    x = torch.randn(300, 64, device=DEVICE).to(dtype)
+    rows = torch.randperm(300, device=DEVICE)[:200]
+    n_rows = torch.tensor([150], dtype=torch.int32, device=DEVICE)
+    got, want = torch.zeros(64, 64, device=DEVICE), torch.zeros(64, 64, device=DEVICE)
+    for update, out in [(cov.covariance_update_triton, got), (cov.covariance_update_reference, want)]:
+        kw = {"config": SMALL["ptr"]} if update is cov.covariance_update_triton else {}
+        update(out, x, rows, n_rows, False, **kw)
+        update(out, x, None, None, True, **kw)
+    assert rel_lower(got, want.double().cpu()) < TWIN_TOL[dtype]
 
 
 def _check_cuda(cfg, n, d, dtype):
@@ -206,8 +238,8 @@ def test_cuda_fp32_precisions(precision, limit):
 @pytest.mark.cuda
 def test_cuda_accumulator_matches_twin():
     d = 2304
-    fast = cov.CovarianceAccumulator(d, "cuda", torch.bfloat16, fold_tokens=3000)  # "cuda": no index
-    slow = cov.CovarianceAccumulator(d, "cuda", torch.bfloat16, backend="torch")
+    fast = ops.CovarianceAccumulator(d, "cuda", torch.bfloat16, fold_tokens=3000)  # "cuda": no index
+    slow = ops.CovarianceAccumulator(d, "cuda", torch.bfloat16, backend="torch")
     assert fast.device == torch.device("cuda", torch.cuda.current_device())
     added = []
     for _ in range(4):

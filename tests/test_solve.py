@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import cpu_native
+from cpu_native import compiled, native_build, stand_in  # noqa: F401 - fixtures
 from memit_fast import native, solve
 from memit_fast.errors import NotPositiveDefiniteError, SolveError
 
@@ -139,70 +139,61 @@ def _unchanged(fn, *args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_native_call_sequence_on_cpu_stand_in(monkeypatch, dtype):
-    """The column-major cuBLAS/cuSOLVER calls of the native paths, run by tests/cpu_native.py.
+def test_native_call_sequence_on_cpu_stand_in(stand_in, dtype):
+    """The native paths (compiled module, tests/cpu_cuda_libs.cpp for the libraries) on CPU tensors.
     Keys and residuals are float32 and contiguous, as on the GPU: in a float32 solve .to(dtype)
     returns the caller's tensor itself, so an in-place library call on it would clobber it
     (the woodbury Delta W bug of the first device run: potrs wrote M^-1 R^T into R)."""
-    monkeypatch.setattr(native, "lib", lambda: cpu_native)
-    monkeypatch.setattr(native, "call_args", lambda t: KW)
     tol = TOL[dtype]
     # (d, n, m): tiny; n > d; and m < n < d, the shape of the failing GPU test (2000, 1200, 300) / 10
     for d, n, m in [(1, 1, 1), (33, 5, 2), (70, 90, 30), (200, 120, 30)]:
         cov, keys, resid = spd_cov(d), torch.randn(d, n) * 3, torch.randn(m, n)
         ref = truth(cov, keys)
         want = resid.double() @ ref.mT
-        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype), ref) < tol
-        L = _unchanged(solve._factor_native, torch.stack([cov, cov]), LAM, dtype)
-        assert torch.equal(L, L.tril()) and rel(L[1], solve._factor_torch(cov, LAM, torch.float64)) < tol
-        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype), ref) < tol
-        assert rel(_unchanged(solve._cholesky_native, cov, keys, LAM, dtype, resid), want) < tol
-        assert rel(_unchanged(solve._woodbury_native, L[0], keys, dtype, resid), want) < tol
+        # the op's arguments as the dispatcher passes them: those the caller gave (schema defaults)
+        assert rel(_unchanged(native.solve_cholesky_native, cov, keys, LAM, dtype), ref) < tol
+        L = _unchanged(native.factor_scaled_cov_native, torch.stack([cov, cov]), LAM, dtype)
+        assert torch.equal(L, L.tril()) and rel(L[1], native.factor_scaled_cov_reference(cov, LAM, torch.float64)) < tol
+        assert rel(_unchanged(native.solve_woodbury_native, L[0], keys, dtype), ref) < tol
+        assert rel(native.solve_cholesky_native(cov, keys, LAM, dtype, None, 64, 64), ref) < tol
+        assert rel(native.solve_woodbury_native(native.factor_scaled_cov_native(cov, LAM, dtype, 64), keys, dtype, None, 64), ref) < tol
+        assert rel(_unchanged(native.solve_cholesky_native, cov, keys, LAM, dtype, resid, 64, 64), want) < tol
+        assert rel(_unchanged(native.solve_woodbury_native, L[0], keys, dtype, resid, 64), want) < tol
     with pytest.raises(NotPositiveDefiniteError):
-        solve._factor_native(-spd_cov(5), LAM, dtype)
+        native.factor_scaled_cov_native(-spd_cov(5), LAM, dtype, 64)
     with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):  # one matrix: no "matrix 0 of 2"
-        solve._cholesky_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2))
-
-
-KW = {"stream": 0, "device": 0}
-
-
-@pytest.fixture
-def stand_in(monkeypatch):
-    """solve's native calls go to tests/cpu_native.py."""
-    monkeypatch.setattr(native, "lib", lambda: cpu_native)
-    monkeypatch.setattr(native, "call_args", lambda t: KW)
+        native.solve_cholesky_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, dtype, torch.randn(1, 2), 16, 16)
 
 
 @pytest.mark.parametrize("upper", [True, False])
 @pytest.mark.parametrize("block", [0, 16, 40])
 def test_blocked_potrf_on_cpu_stand_in(stand_in, upper, block):
-    """The recursion of _potrf_native (trsm + syrk around cuSOLVER blocks) in both triangles."""
+    """The recursion of the native potrf (trsm + syrk around cuSOLVER blocks) in both triangles."""
     for d in (1, 16, 37, 70, 130):
         g = spd_cov(d) * LAM
         a = g.clone()
-        info = solve._potrf_native(a, True, upper, KW, block=block)
-        assert int(info) == 0
+        assert int(native.potrf(a, upper, block)) == 0
         f = a.tril() if upper else a.triu().mT  # the factor as a row-major lower L, L L^T = G
         assert rel(f @ f.mT, g) < 1e-13 and rel(f, torch.linalg.cholesky(g)) < 1e-12
-        steps = solve._potrf_steps(0, d, block)
-        assert all(k <= max(block, 1) or block == 0 for _, k, k2 in steps if k2 == 0)
+        _, offsets = stand_in.potrf_plan(native._buffer(a), upper, block, 0)
+        sizes = [b - o for o, b in zip(offsets, offsets[1:] + [d])]
+        assert offsets[0] == 0 and all(0 < k <= (block if block > 0 else d) for k in sizes)
         for bad in sorted({1, d // 2 + 1, d}):  # the first failing leading minor, in any block
             h = g.clone()
             h[bad - 1, bad - 1] = -1.0
-            assert int(solve._potrf_native(h, True, upper, KW, block=block)) == bad
+            assert int(native.potrf(h, upper, block)) == bad
 
 
 @pytest.mark.parametrize("block", [0, 16, 40])
 def test_blocked_potrs_on_cpu_stand_in(stand_in, block):
-    """_potrs_native: trsm per diagonal block and a GEMM update between them, both directions."""
+    """The native potrs: trsm per diagonal block and a GEMM update between them, both directions."""
     for d, r in [(1, 1), (37, 5), (70, 1), (130, 24)]:
         g = spd_cov(d) * LAM
         f = g.clone()
-        assert int(solve._potrf_native(f, True, True, KW, block=block)) == 0
+        assert int(native.potrf(f, True, block)) == 0
         b = torch.randn(r, d, dtype=torch.float64)
         x = b.clone()
-        solve._potrs_native(f, x, True, torch.zeros(1, dtype=torch.int32), KW, block=block)
+        native.potrs(f, x, True, block, torch.zeros(1, dtype=torch.int32))
         assert rel(x.mT, torch.linalg.solve(g, b.mT)) < 1e-12
 
 
@@ -214,19 +205,20 @@ def test_mixed_on_cpu_stand_in(stand_in, d, n, m):
     Error bound: the products' float32 rounding, amplified by cond(G) < ~20 for these matrices."""
     cov, keys = spd_cov(d), torch.randn(d, n) * 3
     ref = truth(cov, keys)
+    mixed = lambda *a: native.solve_mixed_native(*a, 64, 64)  # noqa: E731
     if m is None:
-        a = _unchanged(solve._mixed_native, cov, keys, LAM, torch.float64)
+        a = _unchanged(native.solve_mixed_native, cov, keys, LAM, torch.float64)
         assert a.shape == (d, n) and a.dtype == torch.float64 and rel(a, ref) < 2e-6
         return
     resid = torch.randn(m, n)
-    delta = _unchanged(solve._mixed_native, cov, keys, LAM, torch.float64, resid)
+    delta = _unchanged(mixed, cov, keys, LAM, torch.float64, resid)
     assert delta.shape == (m, d) and delta.dtype == torch.float64
     assert rel(delta, resid.double() @ ref.mT) < 2e-6
     # float64 keys keep fp64 products: float64 accuracy
-    delta = solve._mixed_native(cov, keys.double(), LAM, torch.float64, resid.double())
+    delta = mixed(cov, keys.double(), LAM, torch.float64, resid.double())
     assert rel(delta, resid.double() @ ref.mT) < TOL[torch.float64]
     with pytest.raises(NotPositiveDefiniteError, match=NOT_PD_ORDER_4):
-        solve._mixed_native(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, torch.float64, torch.randn(1, 2))
+        mixed(_not_pd_at_4(), torch.randn(40, 2) * 1e-3, LAM, torch.float64, torch.randn(1, 2))
 
 
 def test_auto_never_picks_mixed():
@@ -242,21 +234,6 @@ def test_mixed_on_cpu_is_the_float64_cholesky():
     cov, keys, resid = spd_cov(30), torch.randn(30, 8), torch.randn(3, 8)
     delta = solve.solve_delta_weights(cov, keys, resid, LAM, method="mixed")
     assert delta.dtype == torch.float64 and rel(delta, resid.double() @ truth(cov, keys).mT) < TOL[torch.float64]
-
-
-@pytest.mark.parametrize(
-    "op,args",
-    [
-        ("factor_scaled_cov", lambda: (spd_cov(9), LAM, torch.float64)),
-        ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64)),
-        ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64)),
-        ("solve_cholesky", lambda: (spd_cov(9), torch.randn(9, 4, dtype=torch.float64), LAM, torch.float64, torch.randn(2, 4))),
-        ("solve_woodbury", lambda: (solve.factor_scaled_cov(spd_cov(9), LAM), torch.randn(9, 4), torch.float64, torch.randn(3, 4))),
-        ("solve_mixed", lambda: (spd_cov(9), torch.randn(9, 4), LAM, torch.float64, torch.randn(2, 4))),
-    ],
-)
-def test_opcheck(op, args):
-    torch.library.opcheck(getattr(torch.ops.memit_fast, op).default, args())
 
 
 def tol(method, dtype):
@@ -310,8 +287,3 @@ def test_cuda_not_positive_definite_raises():
         solve.solve_update_keys(cov, keys, LAM, method="cholesky")
     with pytest.raises(NotPositiveDefiniteError, match="matrix 2 of 3"):
         solve.factor_scaled_cov(torch.stack([spd_cov(64, "cuda"), spd_cov(64, "cuda"), cov]), LAM)
-
-
-@pytest.mark.native
-def test_native_is_used_on_cuda():
-    assert native.available() and solve._native_ready(torch.zeros(1, device="cuda"))

@@ -1,11 +1,12 @@
-"""Capture of hidden-state rows at (sequence, position) pairs, for forward hooks (MEMIT.md 2-3).
+"""Capture of hidden-state rows at (sequence, position) pairs, for forward hooks (docs/algorithm.md sections 2-3).
 
     out[i, :] = hidden[index[i] // S, index[i] % S, :]        hidden: (B, S, d), index: (n,)
 
 One Triton launch reads only the n requested rows of `hidden` (any strides, so no contiguous copy
 of the activations) and writes them, converted to out's dtype, into a preallocated buffer (e.g.
 a slice of a per-layer key buffer). An index outside [0, B*S) gives a row of NaN, never a read
-out of bounds. `gather_rows_reference` is the torch twin (and the CPU path).
+out of bounds. `gather_rows_triton` is the CUDA implementation of the op memit_fast::gather_rows
+(memit_fast/ops.py), `gather_rows_reference` its twin (the CPU path).
 """
 
 from __future__ import annotations
@@ -36,27 +37,9 @@ def _gather_rows_kernel(
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=in_r[:, None] & in_c[None, :])
 
 
-def gather_rows(hidden: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None, *,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out[i] = hidden[index[i] // S, index[i] % S] for hidden (B, S, d) or (S, d).
-
-    index: (n,) int32/int64 flat positions b*S + s, on hidden's device. out: (n, d), any float
-    dtype and strides (a view into a bigger buffer is fine); allocated (dtype, default
-    hidden's) if None. CUDA: the Triton kernel; elsewhere the twin. Returns out.
-    """
-    h = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
-    if h.dim() != 3 or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"need hidden (B, S, d) and index (n,) int; got {tuple(hidden.shape)}, {tuple(index.shape)} {index.dtype}")
-    if out is None:
-        out = torch.empty(len(index), h.shape[2], dtype=dtype or h.dtype, device=h.device)
-    if out.shape != (len(index), h.shape[2]) or out.device != h.device or index.device != h.device:
-        raise ValueError(f"out must be ({len(index)}, {h.shape[2]}) on {h.device}; got {tuple(out.shape)} on {out.device}")
-    torch.ops.memit_fast.gather_rows(h, index, out)
-    return out
-
-
 def gather_rows_triton(h: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """The kernel launch (CUDA, or CPU under TRITON_INTERPRET=1); arguments as gather_rows, h 3-d."""
+    """out[i] = h[index[i] // S, index[i] % S] for h (B, S, d), index (n,) int32/int64, out (n, d)
+    any float dtype and strides; a bad index gives a NaN row. CUDA, or CPU under TRITON_INTERPRET=1."""
     if len(index) == 0 or h.shape[2] == 0:
         return
     B, S, d = h.shape
@@ -75,7 +58,3 @@ def gather_rows_reference(h: torch.Tensor, index: torch.Tensor, out: torch.Tenso
         raise IndexError(f"index outside [0, {B * S})")
     out.copy_(h[index // S, index % S])
 
-
-@torch.library.custom_op("memit_fast::gather_rows", mutates_args=("out",))
-def _gather_rows_op(h: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    (gather_rows_triton if h.is_cuda else gather_rows_reference)(h, index, out)

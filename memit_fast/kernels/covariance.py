@@ -1,4 +1,4 @@
-"""Streaming second moment of key rows, S = sum_t x_t x_t^T (MEMIT.md section 4), on tensor cores.
+"""Streaming second moment of key rows, S = sum_t x_t x_t^T (docs/algorithm.md section 4), on tensor cores.
 
 `syrk_lower_` is the kernel: for a chunk X (N, d) (bf16, fp16 or fp32; optionally only the rows
 listed in `row_index`, read in place) it computes the tiles of X^T X that touch the lower
@@ -6,7 +6,9 @@ triangle, fp32 accumulators, and stores them into (or adds them to) an fp32 buff
 N d (d + 1) flops; the diagonal tiles are computed whole: 1% more work for 128x128 tiles, 3%
 for 128x256.
 
-`CovarianceAccumulator` streams chunks through it. Precision: each chunk's products are summed
+`covariance_update_triton` is the CUDA implementation of the op memit_fast::covariance_update
+(memit_fast/ops.py), `covariance_update_reference` its twin (the CPU path);
+`memit_fast.ops.CovarianceAccumulator` streams chunks through the op. Precision: each chunk's products are summed
 in fp32 on the tensor cores (bf16/fp16 inputs are exact in fp32 products); the fp32 buffer holds
 at most `fold_tokens` (default 2^18) tokens before it is added into the float64 master sum, so no
 fp32 sum runs over more than 2^18 terms (relative error ~ 2^18 * 2^-24 = 1.6e-2 worst case,
@@ -15,7 +17,7 @@ everything in fp32.
 
 The state is the plain tensor pair (`sum` lower triangle in float64, `count` int64), so shards
 of a corpus computed on several GPUs combine with torch.distributed.all_reduce on both (not
-implemented here). `covariance_update_reference` is the torch twin (also the CPU path).
+implemented here).
 """
 
 from __future__ import annotations
@@ -229,94 +231,24 @@ def syrk_lower_(
     return out
 
 
-def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The twin: acc += X_m^T X_m with X_m the rows of x where mask is True (all rows if None),
-    products in fp32 as in the kernel, sum in acc's dtype. acc: (d, d); x: (..., d); mask: x's
-    leading shape, bool. Returns the number of rows added (int64 tensor)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if mask is not None:
-        rows = rows[mask.reshape(-1)]
-    rows = rows.float()
-    acc += (rows.mT @ rows).to(acc.dtype)
-    return torch.tensor(rows.shape[0], dtype=torch.int64, device=acc.device)
+def covariance_update_triton(acc: torch.Tensor, x: torch.Tensor, row_index: torch.Tensor | None = None,
+                             n_rows: torch.Tensor | None = None, accumulate: bool = True, *,
+                             config: TileConfig | None = None, fp32_precision: str = "ieee") -> None:
+    """acc (d, d) float32, lower triangle (+)= X^T X over the selected rows of x (N, d): the
+    kernel; arguments as syrk_lower_ (covariance_update_reference says which rows)."""
+    syrk_lower_(acc, x, row_index=row_index, n_rows=n_rows, accumulate=accumulate, config=config,
+                fp32_precision=fp32_precision)
 
 
-class CovarianceAccumulator:
-    """Running sum of x x^T and the number of rows, for one layer's keys.
-
-    d: key size; device (an index-less "cuda" means the current CUDA device; `self.device`
-    is always the indexed one that tensors report); dtype: dtype of the keys given to `add`
-    (bf16, fp16 or fp32).
-    backend: "triton" (the kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the twin),
-    "auto" (triton on CUDA, else torch). The state is `state()` = (sum (d, d) float64 whose lower
-    triangle is valid, count int64): add both across shards to combine them.
-    """
-
-    def __init__(self, d: int, device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto",
-                 fold_tokens: int = 2**18, config: TileConfig | None = None, fp32_precision: str = "ieee"):
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
-        self._sum = torch.zeros(d, d, dtype=torch.float64, device=device or "cpu")
-        # the device of an allocated tensor: an index-less "cuda" becomes the current device (cuda:0)
-        self.d, self.dtype, self.device = d, dtype, self._sum.device
-        # The kernel takes 16- and 32-bit floats; float64 keys (a float64 model) use the twin.
-        kernel_ok = self.device.type == "cuda" and dtype != torch.float64
-        self.backend = ("triton" if kernel_ok else "torch") if backend == "auto" else backend
-        self.fold_tokens, self.config, self.fp32_precision = fold_tokens, config, fp32_precision
-        self._count = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._buf = torch.zeros(d, d, dtype=torch.float32, device=self.device) if self.backend == "triton" else None
-        self._pending = 0  # rows (upper bound) in _buf since the last fold
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> None:
-        """Add the rows of x (..., d): all, those where mask (x's leading shape, bool) is True,
-        or those listed in row_index (flat row numbers). No host synchronisation."""
-        if x.shape[-1] != self.d or x.dtype != self.dtype or x.device != self.device:
-            raise ValueError(f"expected (..., {self.d}) {self.dtype} on {self.device}; got {tuple(x.shape)} {x.dtype} on {x.device}")
-        if mask is not None and row_index is not None:
-            raise ValueError("give mask or row_index, not both")
-        if mask is not None and mask.shape != x.shape[:-1]:
-            raise ValueError(f"mask {tuple(mask.shape)} does not match x {tuple(x.shape)}")
-        rows = x.reshape(-1, self.d)  # a view for the usual contiguous hidden states
-        if self.backend == "torch":
-            if row_index is not None:
-                rows, mask = rows[row_index], None
-            self._count += covariance_update_reference(self._sum, rows, None if mask is None else mask.reshape(-1))
-            return
-        n_rows = None
-        if mask is not None:
-            flat = mask.reshape(-1)
-            row_index = torch.sort((~flat).to(torch.uint8), stable=True).indices  # masked rows first, in order
-            n_rows = flat.sum(dtype=torch.int32).reshape(1)
-        if self._pending + rows.shape[0] > self.fold_tokens and self._pending:
-            self._fold()
-        syrk_lower_(self._buf, rows, row_index=row_index, n_rows=n_rows, accumulate=self._pending > 0,
-                    config=self.config, fp32_precision=self.fp32_precision)
-        self._pending += rows.shape[0] if row_index is None else len(row_index)
-        self._count += n_rows[0] if n_rows is not None else (rows.shape[0] if row_index is None else len(row_index))
-
-    def _fold(self) -> None:
-        if self._pending:
-            self._sum += self._buf  # entries the kernel never writes stay zero; the next add overwrites the rest
-            self._pending = 0
-
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum, count): float64 (d, d) with the lower triangle valid, and the int64 row count."""
-        self._fold()
-        return self._sum, self._count
-
-    @property
-    def count(self) -> int:
-        return int(self._count)
-
-    @property
-    def sum(self) -> torch.Tensor:
-        """The full symmetric float64 sum of x x^T (d, d)."""
-        lower = torch.tril(self.state()[0])
-        return lower + torch.tril(lower, -1).mT
-
-    def mean(self) -> torch.Tensor:
-        """E[x x^T] = sum / count, float64 (d, d). Raises ValueError if nothing was added."""
-        n = self.count
-        if n == 0:
-            raise ValueError("no rows were added")
-        return self.sum / n
+def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, row_index: torch.Tensor | None = None,
+                                n_rows: torch.Tensor | None = None, accumulate: bool = True) -> None:
+    """The twin: acc (d, d) (+)= X^T X, products and sums in float32 (the kernel's), X the rows of
+    x (N, d) listed in row_index (all if None), of those the first n_rows ((1,) int tensor) if
+    given. The whole of acc is written; only its lower triangle is the op's result."""
+    rows = x if row_index is None else x[row_index]
+    rows = (rows if n_rows is None else rows[: int(n_rows.reshape(-1)[0])]).float()
+    prod = (rows.mT @ rows).to(acc.dtype)
+    if accumulate:
+        acc.add_(prod)
+    else:
+        acc.copy_(prod)

@@ -1,4 +1,4 @@
-"""The products of the update solve, K K^T and K R^T (MEMIT.md section 5 step 4), at float32
+"""The products of the update solve, K K^T and K R^T (docs/algorithm.md section 5), at float32
 accuracy on fp16 tensor cores ("fp16x3").
 
     S = X^T X,  X = [K^T | R^T] (n, d + m) float32:  S[:d, :d] = K K^T,  S[d:, :d] = R K^T
@@ -15,7 +15,8 @@ product of X would have. It is one `syrk_lower_` over the 3n rows [H; H; L] agai
 (the sum is symmetric, so its lower triangle is the answer), with D^-1 applied to each tile
 before it is stored: 3 n p (p + 1) fp16 tensor-core flops for p = d + m, a third of what the
 same accuracy costs as tf32x3 (Triton's three tf32 products at half the fp16 rate) or as a
-three-way bf16 split (six products). `gram_reference` is the float64 twin.
+three-way bf16 split (six products). `gram_fp16x3` is the CUDA implementation of the op
+memit_fast::gram (memit_fast/ops.py), `gram_reference` its twin (the CPU path).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def gram_fp16x3(pieces: list[torch.Tensor], *, config: TileConfig | None = None)
 
 
 def gram_reference(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """The twin: X^T X in float64 for X = the pieces side by side (each (n, p_i)). Returns (p, p)."""
+    """The twin: X^T X (p, p) computed in float64, returned in float32, for X = the pieces side
+    by side (each (n, p_i))."""
     x = torch.cat([t.double() for t in pieces], dim=1)
-    return x.mT @ x
+    return (x.mT @ x).float()
