@@ -24,12 +24,15 @@ import os
 
 import torch
 
+from .config import env_setting
 from .errors import MemitError, NotPositiveDefiniteError, SolveError
 from .kernels.gram import gram_fp16x3
 
 ABI_VERSION = 2  # must equal _native.ABI_VERSION (csrc/bindings.cpp)
-POTRF_BLOCK = 2048  # default diagonal block of the factor (larger: trsm/syrk recursion around cuSOLVER)
-POTRS_BLOCK = 2048  # default diagonal block of the triangular solves (GEMM between them)
+# default diagonal blocks of the factor (larger: trsm/syrk recursion around cuSOLVER) and of the
+# triangular solves (GEMM between them); 0: one cuSOLVER call. MEMIT_FAST_POTRF_BLOCK / _POTRS_BLOCK.
+POTRF_BLOCK = env_setting("MEMIT_FAST_POTRF_BLOCK")
+POTRS_BLOCK = env_setting("MEMIT_FAST_POTRS_BLOCK")
 BUILD_HINT = "build it with `MEMIT_FAST_BUILD_NATIVE=1 python -m pip install --no-build-isolation --no-deps -e .`"
 
 _module = None
@@ -65,7 +68,7 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    if os.environ.get("MEMIT_FAST_NATIVE", "1") == "0":
+    if not env_setting("MEMIT_FAST_NATIVE"):
         _reason = "switched off by MEMIT_FAST_NATIVE=0"
         return
     try:
