@@ -75,8 +75,8 @@ def _chunk_weights(first: int, n: int) -> torch.Tensor:
 
 
 def _param_sums(p: torch.Tensor) -> torch.Tensor:
-    """(_N_SUMS,) float64 on p's device: sum_j v_jk * (sum_i w_ik x_ij mod P) mod P over the chunks j
-    of p's bfloat16 bit patterns x (as signed 16-bit integers).
+    """(_N_SUMS,) float64 on p's device, congruent mod P to sum_j v_jk * (sum_i w_ik x_ij) over the
+    chunks j of p's bfloat16 bit patterns x (as signed 16-bit integers); |result| < P.
 
     Exact in float64 whatever the summation order (so equal on CPU and GPU, for any BLAS): |x| <
     2^15 and w < 2^21, so a chunk's sum of 2^16 products stays below 2^52; after each reduction
@@ -122,6 +122,7 @@ def model_fingerprint(model, hparams: MEMITHyperParams) -> str:
         sums = [_param_sums(p) for _, p in named]
     h = hashlib.sha256(json.dumps(_config_identity(model.config), sort_keys=True).encode())
     values = torch.stack([s.cpu() for s in sums]).to(torch.int64).numpy() if sums else np.zeros((0, _N_SUMS), np.int64)
+    values = np.mod(values, _PRIME)  # the representative in [0, P): fmod's sign depends on grouping
     for (name, p), row in zip(named, values):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
