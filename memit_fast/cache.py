@@ -231,10 +231,20 @@ def load_stats(path: Path, key: StatsKey | None = None) -> LayerStats:
     return LayerStats(mom2, count)
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every element of every tensor is finite; one sync. A sum of the elements (in the
+    tensor's dtype, float32 for 16-bit types) is finite when they all are, unless finite values
+    overflow it: a non-finite sum sends each tensor to the element-wise check (the rare path)."""
+    total = sum(t.sum(dtype=torch.float32 if t.element_size() < 4 else None).double() for t in tensors)
+    if bool(torch.isfinite(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def check_stats(mom2: torch.Tensor, count: int, where: str) -> None:
     if mom2.dim() != 2 or mom2.shape[0] != mom2.shape[1]:
         raise StatsError(f"{where}: statistics must be a square matrix, got shape {tuple(mom2.shape)}")
     if count <= 0:
         raise StatsError(f"{where}: statistics were accumulated over {count} tokens")
-    if not torch.isfinite(mom2).all():
+    if not all_finite(mom2):
         raise StatsError(f"{where}: statistics contain NaN or inf")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .cache import all_finite
 from .errors import SolveError
 from .hparams import MEMITHyperParams
 from .keys import compute_keys_and_values, key_rows
@@ -24,8 +25,8 @@ def write_layer(weight: RewriteWeight, delta: torch.Tensor) -> None:
         wide = torch.promote_types(p.dtype, torch.float32)
         update = weight.as_update(delta).to(p.device)
         new = (p.to(wide) + update.to(wide)).to(p.dtype)
-        if not bool(torch.isfinite(update).all() & torch.isfinite(new).all()):
-            if not torch.isfinite(update).all():
+        if not all_finite(update, new):
+            if not all_finite(update):
                 raise SolveError(f"the update of {weight.name} contains NaN or inf")
             raise SolveError(
                 f"the update of {weight.name} overflows its dtype {p.dtype}: W + delta would contain NaN or inf "

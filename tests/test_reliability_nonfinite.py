@@ -88,3 +88,16 @@ def test_non_finite_statistics_refused_before_any_write(arch):
     with pytest.raises(StatsError, match=f"statistics of layer {hp.layers[0]}: statistics contain NaN or inf"):
         memit_fast.apply(m, tiny.tokenizer(), tiny.REQUESTS, hp, stats=stats, context_templates=tiny.TEMPLATES, progress=False)
     assert _unchanged(m, before)
+
+
+def test_all_finite_is_exact():
+    from memit_fast.cache import all_finite
+
+    big = torch.full((4,), 1e308, dtype=torch.float64)  # finite, but the sum overflows: the exact path
+    assert all_finite(big) and all_finite(torch.ones(3, dtype=torch.float16), big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = torch.ones(5, dtype=dtype)
+            t[3] = bad
+            assert not all_finite(t) and not all_finite(big, t), (bad, dtype)
+    assert not all_finite(torch.tensor([1e308, -float("inf")], dtype=torch.float64))
