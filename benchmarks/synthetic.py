@@ -203,7 +203,7 @@ def synthetic_stats(model, hparams, seed: int = 0) -> dict:
     the layer's keys (`key_scales`), so lambda*C and K K^T compare as with real statistics.
     float32, (d_ff, d_ff), as compute_stats returns them; the spectrum is well conditioned."""
     from memit_fast.model_access import get_module, in_features, model_device
-    from memit_fast.stats import LayerStats
+    from memit_fast.cache import LayerStats
 
     device = model_device(model)
     d = in_features(get_module(model, hparams.rewrite_module_tmp.format(hparams.layers[0])))

@@ -15,18 +15,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import EditConfig
+from .corpus import check_corpus_spec
 from .edit_requests import normalize_requests
-from .errors import ConfigError, RequestError, StatsError
+from .errors import ConfigError, RequestError, RestoreError, StatsError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
 from .model_access import float_dtype, hidden_size, model_device, rewrite_weights
 from .presets import for_model
 from .profiling import NO_TIMER
 from .reference import reference_edit
-from .stats import LayerStats, check_stats, compute_stats
+from .cache import LayerStats, check_stats
+from .stats import compute_stats
 from .targets import compute_targets
 from .templates import flatten, generate_context_templates, normalize_templates
-from .tokens import encode_requests
+from .tokens import check_context, encode_requests
 from .update import apply_update
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def apply(
     requests,
     hparams: MEMITHyperParams | None = None,
     copy: bool = False,
-    return_orig_weights: bool = False,
+    return_orig_weights: bool = True,
     cache_template: str | os.PathLike | None = None,
     *,
     config: EditConfig | None = None,
@@ -49,8 +51,10 @@ def apply(
 
     requests: the original dicts {"prompt": "{} plays the sport of", "subject": ..., "target_new":
         {"str": ...}} (a CounterFact record works as is). hparams: a MEMITHyperParams, None for the
-        preset of the model's architecture. copy: edit a deep copy. return_orig_weights: return
-        {parameter name: CPU copy of the original tensor} (else {}).
+        preset of the model's architecture. copy: edit a deep copy. return_orig_weights (default
+        True): return {parameter name: CPU copy of the original tensor} of the edited MLP output
+        matrices only, for `restore`; False returns {} and saves that host memory and copy (the
+        original code's default), and `restore({})` is then refused.
     cache_template: as in the original, a path template of one file per request holding its z
         (safetensors), formatted with (layer L, clamp_norm_factor, case_id) or the names {layer},
         {clamp_norm_factor}, {case_id}; requests need a case_id. Files present are used, the
@@ -66,6 +70,8 @@ def apply(
     reqs = normalize_requests(requests)
     hparams = hparams or for_model(model)
     z_files = _z_files(cache_template, requests, hparams) if cache_template is not None else None
+    if cfg.stats is None and hparams.mom2_adjustment:
+        check_corpus_spec(hparams.mom2_dataset if cfg.corpus is None else cfg.corpus)
     if copy:
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
@@ -77,6 +83,7 @@ def apply(
             templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
             encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
+            check_context(reqs, encoded, model.config)
         with timer("statistics"):
             covs = _covariances(model, tok, hparams, weights, cfg, layout)
         backup = {w.name: w.param.detach().clone() for w in weights}  # on the weights' device: a fast rollback
@@ -98,10 +105,38 @@ def apply(
 
 
 def restore(model, orig_weights: dict[str, torch.Tensor]) -> None:
-    """Put the original weights back, bit for bit."""
+    """Put the original weights back, bit for bit: orig_weights as returned by `apply`.
+
+    All or nothing: every name must be a parameter of `model`, every value a tensor of the
+    parameter's shape and dtype, on the CPU or on the parameter's device; all are checked and
+    moved to their devices before the first is written. Raises RestoreError.
+    """
+    if not isinstance(orig_weights, dict):
+        raise RestoreError(f"restore needs the dict of original weights that apply returns, got {type(orig_weights).__name__}")
+    if not orig_weights:
+        raise RestoreError(
+            "restore got no original weights (an empty dict): apply was called with return_orig_weights=False, "
+            "so there is nothing to put back; call apply with return_orig_weights=True (the default)"
+        )
     params = dict(model.named_parameters())
+    problems = []
+    for name, value in orig_weights.items():
+        p = params.get(name)
+        if p is None:
+            problems.append(f"{name!r} is not a parameter of the model")
+        elif not isinstance(value, torch.Tensor):
+            problems.append(f"{name}: expected a tensor, got {type(value).__name__}")
+        elif value.shape != p.shape:
+            problems.append(f"{name}: shape {tuple(value.shape)} != the parameter's {tuple(p.shape)}")
+        elif value.dtype != p.dtype:
+            problems.append(f"{name}: dtype {value.dtype} != the parameter's {p.dtype}")
+        elif value.device != p.device and value.device.type != "cpu":
+            problems.append(f"{name}: on {value.device}, the parameter is on {p.device} (originals must be on the CPU or the parameter's device)")
+    if problems:
+        raise RestoreError(f"restore wrote nothing: {len(problems)} of {len(orig_weights)} original weights do not fit the model: " + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+    staged = {name: value.to(params[name].device) for name, value in orig_weights.items()}  # may fail (memory) before any write
     with torch.no_grad():
-        for name, value in orig_weights.items():
+        for name, value in staged.items():
             params[name].copy_(value)
 
 

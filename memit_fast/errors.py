@@ -13,6 +13,10 @@ class HyperParamsError(MemitError, ValueError):
     """Hyper-parameters that do not fit the model: unknown field, layer out of range, wrong module name."""
 
 
+class RestoreError(MemitError, ValueError):
+    """Original weights that cannot be put back: empty, unknown name, wrong shape, dtype or device."""
+
+
 class StatsError(MemitError, ValueError):
     """Statistics that cannot be used: NaN/inf, empty, corrupted, or computed for another model."""
 

@@ -5,133 +5,30 @@ and stops after the last of them; padding is masked out; each layer's keys strea
 `CovarianceAccumulator` (float32 products on tensor cores, float64 sum, token count). The reference path (`one_pass_per_layer`)
 does what the original does: one pass per layer, stopped at that layer.
 
-Results are cached as safetensors, one file per layer, keyed by the model's fingerprint, the
-layer's module, the corpus id, the sample count, the sequence-length cap and the dtype; the key
-is also stored inside the file and checked on load, and files are written atomically.
+Results are cached (`memit_fast.cache`) as safetensors, one file per layer, keyed by the model's
+fingerprint, the layer's module, the corpus id, the sample count, the sequence-length cap and
+the dtype; the key and a checksum are stored inside the file and checked on load, and files are
+written atomically.
 Statistics are sums: shards computed on several GPUs add up (sum and count) before the mean.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ._version import __version__
+from .cache import LayerStats, StatsKey, check_stats, default_cache_dir, load_stats, model_fingerprint, save_stats
 from .corpus import is_local, load_corpus, remote_corpus_id
-from .errors import StatsError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
 from .model_access import in_features, model_device, rewrite_weights
 from .ops import CovarianceAccumulator
 from .tokens import length_batches, pad_id, pad_right
 
-FORMAT_VERSION = "1"
 DEFAULT_MAX_LENGTH = 1024
 MODEL_SAMPLE_LENGTH = 64  # tokens per document when the corpus is sampled from the model
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEMIT_FAST_CACHE", Path.home() / ".cache" / "memit_fast"))
-
-
-def model_fingerprint(model, hparams: MEMITHyperParams) -> str:
-    """A hash of the model's parameters, leaving out every MLP output projection (the weights MEMIT
-    edits), so statistics stay valid for an edited model as in the original. Values are rounded
-    to bfloat16 first, so a float32 model and its bfloat16 copy share statistics."""
-    pattern = re.compile(re.escape(hparams.rewrite_module_tmp).replace(r"\{\}", r"\d+") + r"\.")
-    h = hashlib.sha256(json.dumps(_config_identity(model.config), sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        if pattern.match(name):
-            continue
-        flat = p.detach().reshape(-1)
-        k = min(flat.numel(), 257)
-        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
-        sample = flat[idx].to(torch.bfloat16).float().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def _config_identity(config) -> dict:
-    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_hidden_layers", "n_layer")
-    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
-
-
-@dataclass(frozen=True)
-class StatsKey:
-    model: str  # fingerprint
-    module: str  # rewrite module name, e.g. "model.layers.4.mlp.down_proj"
-    corpus: str
-    n_samples: int
-    max_length: int
-    dtype: str
-
-    def as_metadata(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.__dict__.items()}
-
-    def path(self, cache_dir: Path) -> Path:
-        digest = hashlib.sha256(json.dumps(self.as_metadata(), sort_keys=True).encode()).hexdigest()[:16]
-        return Path(cache_dir) / "stats" / self.model / f"{self.module}.{digest}.safetensors"
-
-
-@dataclass
-class LayerStats:
-    """mom2 = E[k k^T] (d_ff, d_ff) over `count` tokens."""
-
-    mom2: torch.Tensor
-    count: int
-
-
-def save_stats(path: Path, key: StatsKey, stats: LayerStats) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = key.as_metadata() | {"count": str(stats.count), "format": FORMAT_VERSION, "memit_fast": __version__}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"mom2": stats.mom2.contiguous().cpu()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_stats(path: Path, key: StatsKey | None = None) -> LayerStats:
-    """Load and check one layer's statistics; `key` given: refuse a file computed under another key."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            mom2 = f.get_tensor("mom2")
-    except Exception as e:
-        raise StatsError(f"statistics file {path} cannot be read ({type(e).__name__}: {e}); delete it to recompute") from None
-    if key is not None:
-        diff = {k: (meta.get(k), v) for k, v in key.as_metadata().items() if meta.get(k) != v}
-        if diff:
-            raise StatsError(f"statistics file {path} does not match this model/settings: " + ", ".join(f"{k}: file {a!r} != wanted {b!r}" for k, (a, b) in diff.items()))
-    count = int(meta.get("count", "0"))
-    check_stats(mom2, count, str(path))
-    return LayerStats(mom2, count)
-
-
-def check_stats(mom2: torch.Tensor, count: int, where: str) -> None:
-    if mom2.dim() != 2 or mom2.shape[0] != mom2.shape[1]:
-        raise StatsError(f"{where}: statistics must be a square matrix, got shape {tuple(mom2.shape)}")
-    if count <= 0:
-        raise StatsError(f"{where}: statistics were accumulated over {count} tokens")
-    if not torch.isfinite(mom2).all():
-        raise StatsError(f"{where}: statistics contain NaN or inf")
 
 
 def _accumulate(layout, tok, module_names: dict[int, str], texts, max_length: int, batch_tokens: int, progress: bool, desc: str) -> dict[str, CovarianceAccumulator]:

@@ -28,7 +28,8 @@ from .corpus import is_local, load_corpus, remote_corpus_id
 from .errors import StatsError
 from .hparams import MEMITHyperParams
 from .model_access import rewrite_weights
-from .stats import MODEL_SAMPLE_LENGTH, LayerStats, StatsKey, _context_cap, check_stats, default_cache_dir, model_fingerprint, save_stats
+from .cache import LayerStats, StatsKey, check_stats, default_cache_dir, model_fingerprint, save_stats
+from .stats import MODEL_SAMPLE_LENGTH, _context_cap
 
 _KEYS = (("mom2.mom2", "mom2.count"), ("mom2", "count"))
 _NAME = re.compile(r"^(?P<module>.+)_(?P<dtype>float16|bfloat16|float32|float64)_mom2(?:_t\d+)?(?:_(?P<n>\d+))?\.npz$")

@@ -104,6 +104,37 @@ def encode_requests(tok, requests, templates: list[str], fact_token: str) -> lis
     ]
 
 
+_CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def context_length(config) -> tuple[int, str] | None:
+    """(positions, config field) of the model's context, or None when the config names none."""
+    for name in _CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(requests, encoded: list[EncodedRequest], config) -> None:
+    """Refuse (RequestError) a request whose longest row does not fit the model's context: a
+    context template + prompt row followed by the target's tokens but the last (the rows z is
+    optimised on; keys and the KL row are shorter)."""
+    limit = context_length(config)
+    if limit is None:
+        return
+    positions, field = limit
+    for i, (r, enc) in enumerate(zip(requests, encoded)):
+        longest = max(len(p.ids) for p in enc.prompts) + len(enc.target) - 1
+        longest = max(longest, len(enc.kl.ids))
+        if longest > positions:
+            raise RequestError(
+                f"request {i} (prompt {r.prompt!r}, subject {r.subject!r}, target {r.target!r}) needs {longest} tokens "
+                f"(longest context template + prompt + target), more than the model's context of {positions} positions "
+                f"(config.{field}); shorten it or use shorter context templates"
+            )
+
+
 def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (n_rows, max_len), right padded."""
     width = max(len(r) for r in rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .cache import all_finite
 from .errors import SolveError
 from .hparams import MEMITHyperParams
 from .keys import KeyReader, key_rows
@@ -15,13 +16,23 @@ from .solve import solve_delta_weights
 
 
 def write_layer(weight: RewriteWeight, delta: torch.Tensor) -> None:
-    """W^l += delta (d_model, d_ff), added in float32 (float64 for a float64 model) as the original does, then cast to W's dtype."""
-    if not torch.isfinite(delta).all():
-        raise SolveError(f"the update of {weight.name} contains NaN or inf")
+    """W^l += delta (d_model, d_ff), added in float32 (float64 for a float64 model) as the original
+    does, then cast to W's dtype. The delta and the cast result are checked finite on their
+    device (one sync) before W is written: a delta finite in float64 that overflows a bfloat16 or
+    float16 weight raises SolveError and leaves W as it was."""
     with torch.no_grad():
         p = weight.param
         wide = torch.promote_types(p.dtype, torch.float32)
-        p.copy_((p.to(wide) + weight.as_update(delta).to(p.device, wide)).to(p.dtype))
+        update = weight.as_update(delta).to(p.device)
+        new = (p.to(wide) + update.to(wide)).to(p.dtype)
+        if not all_finite(update, new):
+            if not all_finite(update):
+                raise SolveError(f"the update of {weight.name} contains NaN or inf")
+            raise SolveError(
+                f"the update of {weight.name} overflows its dtype {p.dtype}: W + delta would contain NaN or inf "
+                f"(largest |delta| {update.abs().max().item():.3g}, largest finite {p.dtype} {torch.finfo(p.dtype).max:.3g})"
+            )
+        p.copy_(new)
 
 
 def layer_delta(cov: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, lam: float, method: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import memit_fast
+import memit_fast.cache
 import tiny
 from memit_fast.artifacts import apply_edits, build_edits, export_peft, load_edits, low_rank_factors, save_edits
 from memit_fast.errors import ArtifactError
@@ -36,7 +37,7 @@ def test_factors_are_exact_at_rank_n_and_reapply_onto_the_base(arch, tmp_path):
     edits = save_edits(tmp_path / "e", m, orig, hparams=hp, requests=tiny.REQUESTS)
     params = dict(m.named_parameters())
     meta = json.loads((tmp_path / "e" / "edits.json").read_text())
-    assert meta["base_model"]["fingerprint"] == memit_fast.stats.model_fingerprint(base, hp)
+    assert meta["base_model"]["fingerprint"] == memit_fast.cache.model_fingerprint(base, hp)
     assert meta["memit_fast"] == memit_fast.__version__ and meta["hparams"] == hp.to_dict()
     assert [r["subject"] for r in meta["requests"]] == ["Michael Jordan", "France", "Eiffel Tower"]
     assert sorted(meta["layers"]) == sorted(orig)

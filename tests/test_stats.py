@@ -10,7 +10,7 @@ import memit_fast
 import tiny
 from memit_fast import stats as stats_mod
 from memit_fast.errors import StatsError
-from memit_fast.stats import StatsKey, load_stats, model_fingerprint
+from memit_fast.cache import StatsKey, load_stats, model_fingerprint
 
 
 def _per_document(m, hp, texts):
@@ -80,7 +80,7 @@ def test_cache_hit_key_check_corruption(tmp_path, monkeypatch):
 
 
 def test_nan_statistics_refused(tmp_path):
-    from memit_fast.stats import LayerStats, save_stats
+    from memit_fast.cache import LayerStats, save_stats
 
     key = StatsKey("fp", "m.layers.2", "c", 1, 8, "float32")
     bad = torch.eye(4)

@@ -7,7 +7,7 @@ import torch
 import memit_fast
 import tiny
 from memit_fast.errors import StatsError
-from memit_fast.stats import LayerStats
+from memit_fast.cache import LayerStats
 from memit_fast.stats_npz import export_npz, find_npz, import_npz, read_npz
 
 
