@@ -110,7 +110,7 @@ class Profiler:
         return profile_records(self.doc, ctx)
 
     def step(self, name: str, fn, *, predicted: float | None = None, slack: float = 1.0, min_left: float = 0.0):
-        """Run fn() unless predicted (x 1/slack) not to fit the budget; record errors and go on; save after."""
+        """Run fn() unless predicted (x 1/slack) not to fit the budget; record errors and go on."""
         left = self.left()
         if predicted is not None and predicted > slack * left or left < min_left:
             why = f"predicted {predicted:.0f} s" if predicted is not None else f"needs {min_left:.0f} s"

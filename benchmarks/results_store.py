@@ -263,6 +263,7 @@ def main(argv=None) -> int:
             ctx = context(f"eval {Path(f).stem}", args.command or f"python -m memit_fast.eval ... --out {Path(f).name}")
             ctx.update(device=meta.get("device") or ctx["device"], commit=meta.get("commit") or ctx["commit"],
                        date=meta.get("date") or ctx["date"], versions=eval_versions(meta) or ctx["versions"])
+            ctx["run_id"] = f"eval {Path(f).stem} {ctx['date']}"
             n += append(eval_records(doc, ctx), args.path)
     else:
         ctx = context(f"tests {args.name}", args.command or "")
