@@ -3,6 +3,7 @@ shape (GPT-J 6B / GPT-2 XL / Llama-3-8B configs, random weights) and dtype.
 
     pytest benchmarks/bench_core.py --benchmark-json=OUT.json    # CUDA: real shapes (one model on the GPU at a time)
     pytest benchmarks/ --benchmark-disable                       # CPU smoke (CI): tiny configs, one call each
+    pytest benchmarks/bench_core.py --records OUT/records.jsonl  # each result also as records (results_store.py)
 
 Stages: z (memit_fast's batched `compute_targets` vs the per-request `reference_z`, a few
 optimisation steps), key capture for one layer (`compute_keys_and_values` vs
@@ -82,7 +83,7 @@ def test_z(benchmark, setup, provider):
         fn = lambda: [reference_z(setup.model, setup.tok, r, setup.hp, synthetic.TEMPLATES) for r in reqs]  # noqa: E731
     work = synthetic.z_work(setup.model, setup.tok, raw, setup.hp, synthetic.TEMPLATES)
     steps = setup.hp.v_num_grad_steps
-    run(benchmark, fn, rounds=SIZES["rounds"], flops=work.flops, per_s={"edits_per_s": n, "request_steps_per_s": n * steps},
+    run(benchmark, fn, kind="stage", rounds=SIZES["rounds"], flops=work.flops, per_s={"edits_per_s": n, "request_steps_per_s": n * steps},
           model=setup.name, dtype=setup.dtype, provider=provider, requests=n, steps=steps, suffix_tokens_per_step=work.suffix_tokens,
           flops_note="matrix products of the least work (synthetic.z_work), the same numerator for both providers")
 
@@ -100,7 +101,7 @@ def test_key_capture(benchmark, setup, provider):
             return compute_keys_and_values(setup.model, setup.tok, r, n, setup.hp, layer, synthetic.TEMPLATES)
     else:
         fn = lambda: reference_keys_and_values(setup.model, setup.tok, reqs, setup.hp, layer, synthetic.TEMPLATES)  # noqa: E731
-    run(benchmark, fn, rounds=SIZES["rounds"], per_s={"edits_per_s": n, "prompt_tokens_per_s": sum(map(len, rows))},
+    run(benchmark, fn, kind="stage", rounds=SIZES["rounds"], per_s={"edits_per_s": n, "prompt_tokens_per_s": sum(map(len, rows))},
           model=setup.name, dtype=setup.dtype, provider=provider, requests=n, layer=layer, prompts=len(rows))
 
 
@@ -111,5 +112,5 @@ def test_statistics(benchmark, setup, provider):
     kw = dict(corpus=docs, n_samples=len(docs), max_length=SIZES["max_length"], use_cache=False, progress=False)
     tokens = sum(len(setup.tok(t, truncation=True, max_length=SIZES["max_length"])["input_ids"]) for t in docs)
     fn = lambda: compute_stats(setup.model, setup.tok, setup.hp, one_pass_per_layer=provider == "reference", **kw)  # noqa: E731
-    run(benchmark, fn, rounds=SIZES["rounds"], per_s={"tokens_per_s": tokens},
+    run(benchmark, fn, kind="stage", rounds=SIZES["rounds"], per_s={"tokens_per_s": tokens},
           model=setup.name, dtype=setup.dtype, provider=provider, tokens=tokens, documents=len(docs), layers=setup.hp.layers)

@@ -4,7 +4,7 @@
     pytest benchmarks/bench_kernels.py --benchmark-disable           # CPU smoke (CI): tiny sizes, one run each
 
 Every result carries extra_info: device, torch / triton versions, git commit, and TFLOP/s or
-GB/s from the median. benchmarks/kernels_device.py measures the device's ceilings and sweeps
+GB/s from the median. `--records FILE` (benchmarks/conftest.py) appends each result as records. benchmarks/kernels_device.py measures the device's ceilings and sweeps
 the tile configs.
 """
 
@@ -48,14 +48,15 @@ INFO = {
 }
 
 
-def run(benchmark, fn, *, flops=None, bytes_=None, per_s=None, rounds=5, **info):
-    """benchmark.pedantic with a synchronising wrapper; TFLOP/s, GB/s and per_s rates from the median."""
+def run(benchmark, fn, *, kind="kernel", flops=None, bytes_=None, per_s=None, rounds=5, **info):
+    """benchmark.pedantic with a synchronising wrapper; TFLOP/s, GB/s and per_s rates from the median.
+    kind: the record kind (benchmarks/results_store.py) of this result, kept in extra_info."""
     def call():
         fn()
         if CUDA:
             torch.cuda.synchronize()
 
-    benchmark.extra_info.update(INFO, **info)
+    benchmark.extra_info.update(INFO, kind=kind, **info)
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
     if stats:  # None when --benchmark-disable
@@ -111,4 +112,4 @@ def test_solve_one_layer(benchmark, provider, method):
         fn = lambda: solve.solve_delta_weights(cov, keys, resid, 15000.0, method=method, **kw)  # noqa: E731
         counted = solve._auto(d, n, False, m) if method == "auto" else method
         flops = solve.solve_flops(d, n, counted, factored=method == "woodbury", m=m)
-    run(benchmark, fn, flops=flops, rounds=3, d=d, n=n, m=m, method=method)
+    run(benchmark, fn, kind="solve", flops=flops, rounds=3, d=d, n=n, m=m, method=method)

@@ -1,6 +1,6 @@
 """Ceilings of the device, then each memit_fast kernel at real sizes against them and its twin.
 
-    python benchmarks/kernels_device.py OUT.json [--tiny] [--only ceilings,covariance,capture,solve]
+    python benchmarks/kernels_device.py [--records FILE] [--tiny] [--only ceilings,covariance,capture,solve]
 
 Ceilings: a bf16 8192^3 matrix product on random data (TFLOP/s), a device-to-device copy
 (GB/s, bytes read + written), fp64 and fp32 products for the solves. Covariance: every tile
@@ -11,7 +11,8 @@ products as fp16x3, tf32x3 and fp64; potrf by one cuSOLVER call and recursively;
 six GPT-J layers of Delta W (d 16384, n 10,000 and 1000, m = 4096) by auto / mixed / cholesky /
 woodbury, with the error against the dense float64 twin, also on a C with a spectrum over 4
 decades.
-Prints a table (last) and writes every row plus device, versions, date and commit to OUT.json.
+Prints a table (last) and appends every row as records (`kernel_records`) to FILE (default
+benchmarks/results/records.jsonl), section by section.
 --tiny: small sizes; without CUDA it runs on the CPU (Triton kernels in the interpreter), to
 check the script itself.
 """
@@ -36,8 +37,10 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import triton  # noqa: E402
+
+import results_store  # noqa: E402
 
 from memit_fast import native, ops, solve  # noqa: E402
 from memit_fast.kernels import capture, covariance  # noqa: E402
@@ -365,17 +368,56 @@ def environment() -> dict:
     return env
 
 
+SECTION_KIND = {"ceiling": "ceiling", "covariance": "kernel", "capture": "kernel", "solve": "solve"}
+SHAPE_KEYS = ("N", "B", "S", "d", "n", "m", "layers")
+
+
+def kernel_records(rows: list[dict], env: dict, command: str) -> list[dict]:
+    """Rows of record() as records (benchmarks/results_store.py): kind ceiling / kernel / solve by
+    section; metrics time [s] (the median), tflops [TFLOP/s], gbs [GB/s], pct_of_ceiling [%],
+    rel_error [1] (against the float64 dense solve), rate [tokens/s]; N, B, S, d, n, m, layers as
+    the shape; rows that hold an error only are left out (the log has them)."""
+    ctx = results_store.context("kernels_device", command)
+    ctx.update(device=env["device"], date=env["date"], commit=env["commit"],
+               versions={k: str(env[k]) for k in ("python", "torch", "triton") if k in env})
+    ctx["run_id"] = f"kernels_device {env['device']} {env['date']}"
+    out = []
+    for r in rows:
+        if "name" not in r:
+            continue
+        shape = {k: r[k] for k in SHAPE_KEYS if k in r}
+        params = {k: v for k, v in r.items() if k not in SHAPE_KEYS and k not in (
+            "section", "name", "ms", "provider", "dtype", "tflops", "gbs", "pct_of_ceiling", "rel_err_vs_fp64_dense", "tokens_per_s")}
+        if r["section"] == "ceiling":
+            params.update({k: env[k] for k in ("native", "sms", "memory_gib") if k in env})
+        kw = dict(provider=r.get("provider"), dtype=r.get("dtype"), shape=shape or None, params=params or None)
+        values = [("time", r["ms"] / 1e3, "s"), ("tflops", r.get("tflops"), "TFLOP/s"), ("gbs", r.get("gbs"), "GB/s"),
+                  ("pct_of_ceiling", r.get("pct_of_ceiling"), "%"), ("rate", r.get("tokens_per_s"), "tokens/s"),
+                  ("rel_error", float(r["rel_err_vs_fp64_dense"]) if "rel_err_vs_fp64_dense" in r else None, "1")]
+        for metric, value, unit in values:
+            if value is not None and value == value:  # NaN: not measured (an error, or an accuracy-only row)
+                out.append(results_store.make(SECTION_KIND[r["section"]], r["name"].strip(), metric, value, unit, ctx, **kw))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", type=Path)
+    ap.add_argument("--records", type=Path, default=results_store.DEFAULT_PATH)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", default="ceilings,covariance,capture,solve")
     args = ap.parse_args()
     torch.manual_seed(0)
     env = environment()
     print(json.dumps(env), flush=True)
+    command = "python benchmarks/kernels_device.py " + " ".join(sys.argv[1:])
     sections = args.only.split(",")
     ceil: dict = {}
+    written = 0
+
+    def flush():
+        nonlocal written
+        results_store.append(kernel_records(ROWS[written:], env, command), args.records)
+        written = len(ROWS)
     try:
         for name, fn in [("ceilings", None), ("covariance", covariance_section), ("capture", capture_section), ("solve", solve_section)]:
             if name not in sections:
@@ -390,9 +432,9 @@ def main() -> None:
                 ROWS.append({"section": name, "error": traceback.format_exc()[-1000:]})
             if CUDA:
                 torch.cuda.empty_cache()
-            args.out.write_text(json.dumps({"environment": env, "ceilings": ceil, "rows": ROWS}, indent=1))
+            flush()
     finally:  # also when stopped by a time limit (SIGINT)
-        args.out.write_text(json.dumps({"environment": env, "ceilings": ceil, "rows": ROWS}, indent=1))
+        flush()
         print("\n" + table(ROWS))
 
 

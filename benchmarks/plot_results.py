@@ -1,33 +1,25 @@
-"""Tables and a plot from the profiler's JSON files (benchmarks/profile_edits.py).
+"""Every table (Markdown) and plot (PNG) of the benchmark results, from the records.
 
-    python benchmarks/plot_results.py DEVICE_OUT/profile_*.json --out benchmarks/results
+    python benchmarks/plot_results.py                                  # benchmarks/results/records.jsonl -> results.md, results.png
+    python benchmarks/plot_results.py --records DEVICE_OUT/records.jsonl --out DIR [--no-plot]
 
-writes results.md (every table) and results.png (time vs number of edits per phase, fast vs
-reference, log-log; extrapolated reference points hollow). Needs matplotlib for the PNG only.
+Records (benchmarks/results_store.py) are grouped by run_id, one section per run in the order of
+the file; each kind has its table. The plot (matplotlib; tables need no matplotlib): time vs
+number of edits per phase for every profile run, fast solid, reference dashed, extrapolated
+points hollow.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
-SCHEMA = "memit_fast.profile/1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_store  # noqa: E402
+
 PHASES = ["templates", "statistics", "z", "keys and values", "solve", "weight update", "other"]
-
-
-def load(paths) -> list[dict]:
-    docs = []
-    for p in paths:
-        p = Path(p)
-        files = sorted(p.glob("profile_*.json")) if p.is_dir() else [p]
-        for f in files:
-            doc = json.loads(f.read_text())
-            if doc.get("schema") == SCHEMA:
-                doc["_file"] = f.name
-                docs.append(doc)
-    return docs
 
 
 def _s(x) -> str:
@@ -39,83 +31,203 @@ def _s(x) -> str:
         return f"{x:.0f} s"
     if x >= 1:
         return f"{x:.1f} s"
-    return f"{x * 1000:.0f} ms"
+    if x >= 1e-3:
+        return f"{x * 1e3:.3g} ms"
+    return f"{x * 1e6:.3g} us"
 
 
-def markdown(docs: list[dict]) -> str:
+def _n(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int) or float(x).is_integer() and abs(x) >= 1000:
+        return f"{int(x):,}"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def groups(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r.get("run_id") or f"{r['kind']} {r['device']} {r['date']}", []).append(r)
+    return out
+
+
+def _value(recs, **match):
+    for r in recs:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+VALUE = "value"
+
+
+def _phase(recs, phase: str, metric: str, status: str):
+    """The profile_phase record of this phase and metric that belongs to the run with this status (measured / extrapolated / ...)."""
+    for r in recs:
+        if r["kind"] == "profile_phase" and r["name"] == phase and r["metric"] == metric and r.get("params", {}).get("status") == status:
+            return r
+    return None
+
+
+def _shape(r) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (r.get("shape") or {}).items())
+
+
+def _header(run_id: str, recs: list[dict]) -> list[str]:
+    r = recs[0]
+    versions = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())
+    shared = [r.get(k) for k in ("model", "dtype") if len({x.get(k) for x in recs}) == 1]  # said once when every record agrees
+    what = ", ".join(x for x in shared if x)
+    return [f"### {run_id}", "", f"{what + '; ' if what else ''}{r['device']}; commit {r['commit']}; {r['date']}"
+            f"{'; ' + versions if versions else ''}.{' Command: `' + r['command'] + '`.' if r.get('command') else ''}", ""]
+
+
+def profile_tables(recs: list[dict]) -> list[str]:
     out = []
-    for doc in docs:
-        c, env = doc.get("conditions", {}), doc.get("environment", {})
-        hp = c.get("hparams", {})
-        out.append(f"### {c.get('model', '?')}{' (tiny config)' if c.get('tiny') else ''}: {env.get('device', '?')}, "
-                   f"{c.get('dtype', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, commit {str(env.get('commit', '?'))[:10]}")
+    runs = sorted({(r["provider"], r["n_edits"], r["extrapolated"]) for r in recs if r["kind"] == "profile_run" and r["name"] == "apply"},
+                  key=lambda k: (k[0] != "memit_fast", k[1], k[2]))
+    if runs:
+        first = _value(recs, kind="profile_run", name="apply")["params"]
+        hp = first.get("hparams", {})
+        out += [f"Layers {hp.get('layers')}, {hp.get('v_num_grad_steps')} z steps, lambda {hp.get('mom2_update_weight')}; "
+                f"{first.get('weights', '')}; statistics: {first.get('statistics', '')}; z chunk: {first.get('chunk_tokens')}; "
+                f"request lengths {first.get('request_lengths', {})}.", ""]
+        out.append("| mode | edits | " + " | ".join(PHASES) + " | total | edits/s | peak GiB |")
+        out.append("|---|---:|" + "---:|" * (len(PHASES) + 3))
+        for provider, n, ext in runs:
+            sel = [r for r in recs if r.get("provider") == provider and r.get("n_edits") == n]
+            run = {r["metric"]: r for r in sel if r["kind"] == "profile_run" and r["extrapolated"] == ext}
+            status = run["time"]["params"].get("status") if "time" in run else "?"
+            cells = []
+            for ph in PHASES:
+                t, share = _phase(sel, ph, "time", status), _phase(sel, ph, "share", status)
+                cells.append("-" if t is None else f"{_s(t['value'])}{f' ({100 * share[VALUE]:.0f}%)' if share else ''}{'*' if t['extrapolated'] else ''}")
+            ext_from = run["time"]["params"].get("extrapolated_from") if "time" in run else None
+            mode = ("fast" if provider == "memit_fast" else "reference") + (f", extrapolated from {ext_from}" if ext_from and ext else
+                                                                            "" if status == "measured" else f", {status}")
+            get = lambda m: run[m]["value"] if m in run else None  # noqa: E731
+            out.append(f"| {mode} | {n:,} | " + " | ".join(cells) + f" | {_s(get('time'))} | {_n(get('rate'))} | {_n(get('peak_memory'))} |")
+        out += ["", "`*` extrapolated (the record's note says how). Share of the run's total in brackets.", ""]
+        measured = [k for k in runs if not k[2]]
+        if measured:
+            out.append("Peak GPU memory per phase (GiB, allocator high-water mark inside the phase, model and statistics included):")
+            out += ["", "| mode | edits | " + " | ".join(PHASES[:-1]) + " | z TFLOP/s |", "|---|---:|" + "---:|" * len(PHASES)]
+            for provider, n, _ in measured:
+                sel = [r for r in recs if r.get("provider") == provider and r.get("n_edits") == n and not r["extrapolated"]]
+                cells = [_n((_phase(sel, ph, "peak_memory", "measured") or {}).get(VALUE)) for ph in PHASES[:-1]]
+                z = _phase(sel, "z", "tflops", "measured")
+                out.append(f"| {'fast' if provider == 'memit_fast' else 'reference'} | {n:,} | " + " | ".join(cells) + f" | {_n(z and z['value'])} |")
+            out.append("")
+    ratios = sorted({r["n_edits"] for r in recs if r["kind"] == "profile_ratio"})
+    if ratios:
+        out += ["| edits | fast | reference | reference / fast | z: reference / fast |", "|---:|---:|---:|---:|---:|"]
+        for n in ratios:
+            total = _value(recs, kind="profile_ratio", n_edits=n, name="reference / fast")
+            z = _value(recs, kind="profile_ratio", n_edits=n, name="reference / fast: z")
+            out.append(f"| {n:,} | {_s(total['params']['fast_s'])} | {_s(total['params']['reference_s'])} ({total.get('note', '')}) | "
+                       f"{total['value']}x | {z['value'] if z else '-'}x |")
         out.append("")
-        runs = [r for r in doc.get("runs", []) if r.get("phases")]
-        if c and runs:
-            chunk = c.get("chunk_tokens")
-            out.append(f"{'z chunks capped at ' + str(chunk) + ' suffix tokens. ' if isinstance(chunk, int) else ''}Random weights; layers {hp.get('layers')}, {hp.get('v_num_grad_steps')} z steps for every request (no early stop: "
-                       f"random weights), lambda {hp.get('mom2_update_weight')}; statistics cached (synthetic C, {c.get('stats_gib', '?')} GiB); "
-                       f"model {c.get('model_gib', '?')} GiB; request lengths {c.get('request_lengths', {})}; templates: 6 fixed "
-                       f"(sampling timed on its own: {_s(c.get('templates_sampling_s'))}).")
-            out.append("")
-        if runs:
-            out.append("| mode | edits | " + " | ".join(PHASES) + " | total | edits/s | peak GiB |")
-            out.append("|---|---:|" + "---:|" * (len(PHASES) + 3))
-            for r in sorted(runs, key=lambda r: (r["mode"] != "fast", r["edits"], r.get("measured", True) is False)):
-                cells = []
-                for ph in PHASES:
-                    v = r["phases"].get(ph)
-                    if not v:
-                        cells.append("-")
-                        continue
-                    share = f" ({100 * v['share']:.0f}%)" if v.get("share") is not None else ""
-                    cells.append(f"{_s(v['seconds'])}{share}{'*' if v.get('extrapolated') else ''}")
-                mode = r["mode"] + ("" if r.get("measured", True) else (f", extrapolated from {r['extrapolated_from']}" if r.get("extrapolated_from") else f", {r.get('failed', 'partial')}"))
-                out.append(f"| {mode} | {r['edits']:,} | " + " | ".join(cells) +
-                           f" | {_s(r.get('total_s'))} | {r.get('edits_per_s', '-')} | {r.get('peak_gib', '-')} |")
-            out.append("")
-            out.append("`*` extrapolated (method in the JSON). Share of the run's total in brackets.")
-            out.append("")
-            measured = [r for r in runs if r.get("measured", True)]
-            if measured:
-                out.append("Peak GPU memory per phase (GiB, torch allocator high-water mark inside the phase, model and statistics included):")
-                out.append("")
-                out.append("| mode | edits | " + " | ".join(p for p in PHASES if p != "other") + " | z TFLOP/s (matmul model) |")
-                out.append("|---|---:|" + "---:|" * (len(PHASES)))
-                for r in measured:
-                    cells = [str(r["phases"].get(p, {}).get("peak_gib", "-")) for p in PHASES if p != "other"]
-                    out.append(f"| {r['mode']} | {r['edits']:,} | " + " | ".join(cells) + f" | {r.get('z_tflops', '-')} |")
-                out.append("")
-        if doc.get("ratios"):
-            out.append("| edits | fast | reference | reference / fast | z: reference / fast |")
-            out.append("|---:|---:|---:|---:|---:|")
-            for q in doc["ratios"]:
-                out.append(f"| {q['edits']:,} | {_s(q['fast_s'])} | {_s(q['reference_s'])} (from {q['reference_extrapolated_from']} requests) | "
-                           f"{q['ratio']}x | {q.get('z_ratio', '-')}x |")
-            out.append("")
-        st = doc.get("stats")
-        if st and st.get("runs"):
-            out.append(f"Statistics (compute_stats, random-token documents, {st['doc_length']}, cut at {st['max_length']} tokens; "
-                       f"layers {st['layers']}, d_ff {st['d_ff']}), extrapolated linearly to {st['target_tokens'] / 1e6:.0f}M tokens:")
-            out.append("")
-            out.append("| pass | tokens measured | tokens/s | tokens/s without tokenisation | 44M tokens | 44M without tokenisation | TFLOP/s | peak GiB |")
-            out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-            for r in st["runs"]:
-                out.append(f"| {r['mode']} | {r['tokens']:,} | {r['tokens_per_s']:,} | {r['tokens_per_s_without_tokenise']:,} | "
-                           f"{_s(r['extrapolated_s_44M'])} | {_s(r['extrapolated_s_44M_without_tokenise'])} | {r['tflops_without_tokenise']} | {r['peak_gib']} |")
-            out.append("")
-        bad = [e for e in doc.get("events", []) if e["status"] != "ok"]
-        if bad:
-            out.append("Steps not completed: " + "; ".join(f"{e['step']}: {e['status']}"
-                                                          f"{' (' + e['reason'] + ')' if e.get('reason') else ''}"
-                                                          f"{' ' + e['error'].strip().splitlines()[-1][:160] if e.get('error') else ''}" for e in bad))
-            out.append("")
+    passes = list(dict.fromkeys(r["name"] for r in recs if r["kind"] == "stats"))
+    if passes:
+        p0 = _value(recs, kind="stats")
+        out += [f"Statistics (compute_stats; layers {p0['params']['layers']}, documents {p0['params']['doc_length']}, cut at "
+                f"{p0['shape']['max_length']} tokens, d_ff {p0['shape']['d_ff']}), extrapolated linearly to "
+                f"{p0['params']['target_tokens'] / 1e6:.0f}M tokens:", "",
+                "| pass | tokens measured | tokens/s | tokens/s without tokenisation | 44M tokens | 44M without tokenisation | TFLOP/s | peak GiB |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in passes:
+            v = {r["metric"]: r for r in recs if r["kind"] == "stats" and r["name"] == name}
+            out.append(f"| {name} | {v['rate']['shape']['tokens']:,} | {_n(v['rate']['value'])} | {_n(v['rate_without_tokenise']['value'])} | "
+                       f"{_s(v['time_44M']['value'])} | {_s(v['time_44M_without_tokenise']['value'])} | {_n(v['tflops']['value'])} | "
+                       f"{_n(v['peak_memory']['value'])} |")
+        out.append("")
+    bad = _value(recs, kind="profile_run", name="steps not completed")
+    if bad:
+        out += ["Steps not completed: " + "; ".join(f"{e['step']}: {e['status']}{' (' + e['reason'] + ')' if e.get('reason') else ''}"
+                                                    f"{' ' + e['error'] if e.get('error') else ''}" for e in bad["params"]["events"]), ""]
+    return out
+
+
+def measured_table(recs: list[dict], kinds: tuple[str, ...]) -> list[str]:
+    """ceiling / kernel / solve / stage records: one row per (kind, name, provider, model, dtype, shape)."""
+    rows: dict[tuple, dict] = {}
+    for r in recs:
+        if r["kind"] in kinds:
+            key = (r["kind"], r["name"], r.get("provider"), r.get("model"), r.get("dtype"), _shape(r))
+            rows.setdefault(key, {})[r["metric"] + (" " + r["unit"] if r["metric"] == "rate" else "")] = r["value"]
+    if not rows:
+        return []
+    rates = sorted({m for v in rows.values() for m in v if m.startswith("rate ")})
+    out = ["| kind | name | provider | model | dtype | shape | time | TFLOP/s | GB/s | % of ceiling | rel. error |" +
+           "".join(f" {m.removeprefix('rate ')} |" for m in rates),
+           "|---|---|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(rates)]
+    for (kind, name, provider, model, dtype, shape), v in rows.items():
+        err = v.get("rel_error")
+        out.append(f"| {kind} | {name} | {provider or '-'} | {model or '-'} | {dtype or '-'} | {shape or '-'} | {_s(v.get('time'))} | "
+                   f"{_n(v.get('tflops'))} | {_n(v.get('gbs'))} | {_n(v.get('pct_of_ceiling'))} | {f'{err:.2e}' if err is not None else '-'} |" +
+                   "".join(f" {_n(v.get(m))} |" for m in rates))
+    return out + [""]
+
+
+def eval_table(recs: list[dict]) -> list[str]:
+    out = []
+    for name in dict.fromkeys(r["name"] for r in recs if r["kind"] == "eval" and r["unit"] == "%"):
+        sel = [r for r in recs if r["kind"] == "eval" and r["name"] == name]
+        first = sel[0]
+        out += [f"{name}: {first.get('n_edits')} records, {first['params'].get('mode')}; statistics corpus "
+                f"{first['params'].get('statistics_corpus')}.", "", "| metric | unedited | edited |", "|---|---:|---:|"]
+        for metric in dict.fromkeys(r["metric"] for r in sel if r["unit"] == "%"):
+            cells = []
+            for provider in ("unedited", "memit_fast"):
+                r = _value(sel, metric=metric, provider=provider, unit="%")
+                se = r and r["params"].get("se")
+                cells.append("-" if r is None else f"{r['value']:.1f}" + (f" ± {se:.1f}" if se is not None else ""))
+            out.append(f"| {metric} | " + " | ".join(cells) + " |")
+        times = [r for r in recs if r["kind"] == "eval" and r["name"].startswith(name + ":") and r["metric"] == "time"]
+        if times:
+            out += ["", "Times: " + ", ".join(f"{r['name'].split(': ')[-1]} {_s(r['value'])}" for r in times) + "."]
+        out.append("")
+    return out
+
+
+def sweep_table(recs: list[dict]) -> list[str]:
+    sel = [r for r in recs if r["kind"] == "sweep"]
+    if not sel:
+        return []
+    metrics = list(dict.fromkeys(r["metric"] for r in sel))
+    out = [f"Sweep, {sel[0].get('n_edits')} edits, statistics from {sel[0]['params'].get('corpus')} ({sel[0]['params'].get('n_samples')} samples):",
+           "", "| config | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name in dict.fromkeys(r["name"] for r in sel):
+        v = {r["metric"]: r["value"] for r in sel if r["name"] == name}
+        out.append(f"| {name} | " + " | ".join(_s(v.get(m)) if m == "time" else _n(v.get(m)) for m in metrics) + " |")
+    return out + [""]
+
+
+def test_table(recs: list[dict]) -> list[str]:
+    sel = [r for r in recs if r["kind"] == "test_run"]
+    if not sel:
+        return []
+    out = ["| test run | passed | failed | skipped | errors | time |", "|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["name"] for r in sel):
+        v = {r["metric"]: r["value"] for r in sel if r["name"] == name}
+        out.append(f"| {name} | " + " | ".join(str(v.get(m, 0)) for m in ("passed", "failed", "skipped", "errors")) + f" | {_s(v.get('time'))} |")
+    return out + [""]
+
+
+def tables(records: list[dict]) -> str:
+    """Markdown: one section per run (run_id), each with the tables of its kinds."""
+    out = []
+    for run_id, recs in groups(records).items():
+        out += _header(run_id, recs)
+        out += profile_tables(recs)
+        out += measured_table(recs, ("ceiling", "kernel", "solve", "stage"))
+        out += eval_table(recs)
+        out += sweep_table(recs)
+        out += test_table(recs)
     return "\n".join(out)
 
 
-def plot(docs: list[dict], path) -> None:
-    import math
-
+def plot(records: list[dict], path) -> None:
     import matplotlib
     import matplotlib.ticker
 
@@ -123,37 +235,46 @@ def plot(docs: list[dict], path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    docs = [d for d in docs if any(r.get("phases") and r.get("total_s") for r in d.get("runs", []))]
-    if not docs:
-        raise SystemExit("no runs to plot")
-    cols = min(3, len(docs))
-    rows = math.ceil(len(docs) / cols)
+    panels = [(run_id, recs) for run_id, recs in groups(records).items()
+              if any(r["kind"] == "profile_run" and r["metric"] == "time" and r["name"] == "apply" for r in recs)]
+    if not panels:
+        raise SystemExit("no profile runs to plot")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.4 * rows + 0.8), squeeze=False)
     colours = dict(zip(PHASES + ["total"], ["#999999", "#8c564b", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#bcbd22", "black"]))
     shown = set()
-    for ax, doc in zip(axes.flat, docs):
-        for mode, style in (("fast", "-"), ("reference", "--")):
-            runs = sorted((r for r in doc["runs"] if r["mode"] == mode and r.get("total_s") and (mode == "fast" or not r.get("measured", True))),
-                          key=lambda r: r["edits"])
-            if not runs:
+    for ax, (run_id, recs) in zip(axes.flat, panels):
+        ticks = set()
+        for provider, style in (("memit_fast", "-"), ("reference", "--")):
+            # fast: measured runs; reference: its extrapolations to each N (the measured subset is one point of them)
+            totals = sorted((r for r in recs if r["kind"] == "profile_run" and r["name"] == "apply" and r["metric"] == "time"
+                             and r.get("provider") == provider and (provider == "memit_fast") != r["extrapolated"]), key=lambda r: r["n_edits"])
+            if not totals:
                 continue
-            xs = [r["edits"] for r in runs]
+            ticks |= {r["n_edits"] for r in totals}
             for ph in PHASES + ["total"]:
-                ys = [r["total_s"] if ph == "total" else r["phases"].get(ph, {}).get("seconds") for r in runs]
-                pts = [(x, y) for x, y in zip(xs, ys) if y]
+                pts = []
+                for t in totals:
+                    if ph == "total":
+                        pts.append((t["n_edits"], t["value"]))
+                        continue
+                    r = _phase([x for x in recs if x.get("provider") == provider and x.get("n_edits") == t["n_edits"]], ph, "time",
+                               t["params"]["status"])
+                    if r and r["value"] > 0:
+                        pts.append((t["n_edits"], r["value"]))
                 if not pts or (ph != "total" and max(y for _, y in pts) < 1e-3):
                     continue
                 shown.add(ph)
-                ax.plot(*zip(*pts), style, marker="o", color=colours[ph], mfc="none" if mode == "reference" else colours[ph],
+                ax.plot(*zip(*pts), style, marker="o", color=colours[ph], mfc="none" if provider == "reference" else colours[ph],
                         lw=2.5 if ph == "total" else 1.3)
-        env, c = doc.get("environment", {}), doc.get("conditions", {})
+        first = recs[0]
         ax.set(xscale="log", yscale="log", xlabel="edits", ylabel="seconds")
-        ticks = sorted({r["edits"] for r in doc["runs"] if r.get("total_s") and (r["mode"] == "fast" or not r.get("measured", True))})
-        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.set_xticks(sorted(ticks), [f"{t:,}" for t in sorted(ticks)])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_title(f"{c.get('model')}{' (tiny)' if c.get('tiny') else ''}, {c.get('dtype')}, {env.get('device', '')}", fontsize=9)
+        ax.set_title(f"{first.get('model')}, {first.get('dtype')}, {first['device']}, {first['commit'][:10]}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(docs):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles = [Line2D([], [], color=colours[p], lw=2.5 if p == "total" else 1.5, label=p) for p in PHASES + ["total"] if p in shown]
     handles += [Line2D([], [], color="k", ls="-", marker="o", label="fast (measured)"),
@@ -165,20 +286,26 @@ def plot(docs: list[dict], path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("inputs", nargs="+", help="profile_*.json files or directories holding them")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--records", nargs="+", default=[str(results_store.DEFAULT_PATH)], help="records files")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="directory for results.md and results.png")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    docs = load(args.inputs)
-    if not docs:
-        print("no profiler JSON found", file=sys.stderr)
+    records = [r for f in args.records for r in results_store.load(f)]
+    if not records:
+        print("no records", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(docs) + "\n")
-    print(markdown(docs))
+    text = tables(records)
+    (out / "results.md").write_text("# Benchmark results\n\nGenerated by `python benchmarks/plot_results.py` from "
+                                    "`records.jsonl`; do not edit by hand.\n\n" + text + "\n")
+    print(text)
     if not args.no_plot:
-        plot(docs, out / "results.png")
+        try:
+            plot(records, out / "results.png")
+        except ImportError:
+            print("matplotlib is not installed: tables only", file=sys.stderr)
+            return 0
         print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
     return 0
 

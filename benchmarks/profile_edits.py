@@ -18,16 +18,17 @@ The reference mode (the original's structure) runs on a subset of the requests; 
 edits is extrapolated: z and "other" linearly per request, keys and values from one layer
 measured on up to --reference-keys-requests requests (linear in requests and layers), the
 float64 dense solve measured for one layer at the real N (times the number of layers), the
-weight update as measured. Every extrapolated figure is marked so in the JSON and the table.
+weight update as measured. Every extrapolated figure is marked so in its record and the table.
 
-For the CLI: `add_arguments(parser)` and `run(args) -> int`.
+Results: records (benchmarks/results_store.py; `profile_records` says which) appended to --records
+at the end of the run, also when a time limit (SIGINT/SIGTERM) stops it. For the CLI:
+`add_arguments(parser)` and `run(args) -> int`.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import signal
 import sys
@@ -42,11 +43,11 @@ for p in (str(HERE.parent), str(HERE)):
 
 import torch  # noqa: E402
 
+import results_store  # noqa: E402
 import synthetic  # noqa: E402
 from kernels_device import environment as kernel_environment  # noqa: E402
-from plot_results import markdown  # noqa: E402
+from plot_results import tables  # noqa: E402
 
-SCHEMA = "memit_fast.profile/1"
 PHASES = ["templates", "statistics", "z", "keys and values", "solve", "weight update", "other"]
 STATS_TOKENS_ORIGINAL = 44_000_000  # GPT-J, 100,000 Wikipedia documents cut to 2048 tokens (MEMIT.md section 4)
 CUDA = torch.cuda.is_available()
@@ -66,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--stats-doc-length", type=int, default=None, help="fixed document length (default: a Wikipedia-like mix, mean ~440)")
     parser.add_argument("--data", default=None, help="CounterFact json (default .device/data/counterfact_250.json or shared/data/...)")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default .device/tokenizer)")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for profile_<model>.json and .md")
-    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--records", default=str(results_store.DEFAULT_PATH), help="records file to append the results to")
+    parser.add_argument("--tag", default="", help="a label for this run (in the records' run_id)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for this whole run: later steps are skipped when predicted not to fit")
     parser.add_argument("--steps", type=int, default=None, help="v_num_grad_steps (default: the published value)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="passed to apply (default: the core's choice from free memory)")
@@ -79,7 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--torch-profile-steps", type=int, default=5, help="z steps in the traced run (keeps the trace small)")
     parser.add_argument("--nvtx", action="store_true", help="NVTX ranges per phase (for nsys)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--no-markdown", action="store_true", help="write the JSON only (plot_results.py makes the tables)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -88,12 +88,8 @@ class Profiler:
     def __init__(self, args):
         self.args = args
         self.t_start = time.perf_counter()
-        self.doc: dict = {"schema": SCHEMA, "environment": {}, "conditions": {}, "runs": [], "ratios": [], "stats": None, "events": []}
-        name = f"profile_{args.model}{'_tiny' if args.tiny else ''}{('_' + args.tag) if args.tag else ''}"
-        self.out_dir = Path(args.out)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.json_path = self.out_dir / f"{name}.json"
-        self.md_path = self.out_dir / f"{name}.md"
+        self.doc: dict = {"environment": {}, "conditions": {}, "runs": [], "ratios": [], "stats": None, "events": []}
+        self.name = f"profile {args.model}{' tiny' if args.tiny else ''}{(' ' + args.tag) if args.tag else ''}"
 
     # ---- bookkeeping ----
     def left(self) -> float:
@@ -106,13 +102,15 @@ class Profiler:
         if status == "error":
             print(info.get("error", ""), flush=True)
 
-    def save(self):
-        self.json_path.write_text(json.dumps(self.doc, indent=1))
-        if not self.args.no_markdown:
-            self.md_path.write_text(markdown([self.doc]))
+    def records(self) -> list[dict]:
+        ctx = results_store.context(self.name, "python -m benchmarks.profile_edits " + " ".join(sys.argv[1:]))
+        env = self.doc["environment"]
+        ctx["device"] = env.get("device", ctx["device"])
+        ctx["versions"] = {k: env[k] for k in ("python", "torch", "transformers", "triton", "cuda") if env.get(k)} or ctx["versions"]
+        return profile_records(self.doc, ctx)
 
     def step(self, name: str, fn, *, predicted: float | None = None, slack: float = 1.0, min_left: float = 0.0):
-        """Run fn() unless predicted (x 1/slack) not to fit the budget; record errors and go on; save after."""
+        """Run fn() unless predicted (x 1/slack) not to fit the budget; record errors and go on."""
         left = self.left()
         if predicted is not None and predicted > slack * left or left < min_left:
             why = f"predicted {predicted:.0f} s" if predicted is not None else f"needs {min_left:.0f} s"
@@ -134,7 +132,6 @@ class Profiler:
             return None
         finally:
             cleanup()
-            self.save()
 
 
 def memory_now() -> dict:
@@ -238,9 +235,10 @@ def run(args) -> int:
         signal.signal(signal.SIGTERM, old)
         ratios(prof)
         prof.doc["wall_s"] = round(time.perf_counter() - prof.t_start, 1)
-        prof.save()
-        print("\n" + markdown([prof.doc]), flush=True)
-        print(f"[profile] wrote {prof.json_path}{'' if args.no_markdown else ' and ' + str(prof.md_path)}", flush=True)
+        records = prof.records()
+        results_store.append(records, args.records)
+        print("\n" + tables(records), flush=True)
+        print(f"[profile] appended {len(records)} records to {args.records}", flush=True)
     errors = [e for e in prof.doc["events"] if e["status"] == "error"]
     return 2 if interrupted else (1 if errors else 0)
 
@@ -280,7 +278,6 @@ def _profile(prof: Profiler, args) -> None:
         "tokenizer_vocab": len(tok), "requests": "CounterFact prompts and targets, distinct subjects (records' own, then prefixed by another subject's first word)",
         "chunk_tokens": args.chunk_tokens or "core default (from free memory)", "solve_method_fast": args.solve_method,
     }
-    prof.save()
 
     stats = None
     if edits or args.reference_subset:
@@ -460,7 +457,6 @@ def reference(prof: Profiler, model, tok, all_reqs, hp, stats, args, edits, temp
         prof.doc["runs"].append({"mode": "reference", "edits": n, "measured": False, "extrapolated_from": s, "total_s": round(total, 1),
                                  "edits_per_s": round(n / total, 4), "phases": out, "peak_gib": sub["peak_gib"],
                                  "note": f"extrapolated from {s} requests (see each phase's method)"})
-    prof.save()
 
 
 def ratios(prof: Profiler) -> None:
@@ -473,6 +469,75 @@ def ratios(prof: Profiler) -> None:
         out.append({"edits": n, "fast_s": f["total_s"], "reference_s": r["total_s"], "ratio": round(r["total_s"] / f["total_s"], 1),
                     "z_ratio": round(rz / fz, 1) if fz and rz else None, "reference_extrapolated_from": r["extrapolated_from"]})
     prof.doc["ratios"] = out
+
+
+
+def profile_records(doc: dict, ctx: dict) -> list[dict]:
+    """The profile as records (benchmarks/results_store.py), sharing ctx (device, date, commit, command,
+    versions, run_id); model and dtype from the conditions:
+
+    - profile_run, name "apply", provider memit_fast (fast) or reference, n_edits: time [s],
+      rate [edits/s], peak_memory [GiB]; params: the conditions (hparams, chunk_tokens, request
+      lengths, z FLOP model, ...); extrapolated for the reference at N from a subset;
+    - profile_phase, name = the phase: time [s] (note: its extrapolation method), share [1],
+      peak_memory [GiB]; for "z" also tflops [TFLOP/s] (the matmul model of synthetic.z_work);
+    - profile_ratio, name "reference / fast" and "reference / fast: z": ratio [x];
+    - stats, name = the pass, provider memit_fast (fused) or reference (one pass per layer):
+      rate and rate_without_tokenise [tokens/s], time_44M and time_44M_without_tokenise [s,
+      extrapolated], tflops [TFLOP/s], peak_memory [GiB];
+    - profile_run, name "steps not completed": count [steps], the events in params.
+    """
+    cond, env = doc.get("conditions", {}), doc.get("environment", {})
+    ctx = dict(ctx, date=env.get("date", ctx["date"]), commit=str(env.get("commit") or ctx["commit"]))
+    common = dict(model=cond.get("model"), dtype=cond.get("dtype"))
+    keep = ("tiny", "hparams", "chunk_tokens", "solve_method_fast", "stats_gib", "model_gib", "templates_sampling_s", "parameters",
+            "request_lengths", "weights", "early_stop", "statistics")
+    conditions = {k: cond[k] for k in keep if k in cond}
+    if env.get("attn_implementation"):
+        conditions["attn_implementation"] = env["attn_implementation"]
+    make, out = results_store.make, []
+    for r in doc.get("runs", []):
+        provider = "memit_fast" if r["mode"] == "fast" else "reference"
+        extrapolated = not r.get("measured", True) and "extrapolated_from" in r
+        run = dict(common, provider=provider, n_edits=r["edits"])
+        info = {k: r[k] for k in ("extrapolated_from", "subset_of", "failed", "apply_wall_s", "baseline_gib", "peak_reserved_gib",
+                                  "z_flop_model", "request_lengths", "memory", "note") if k in r}
+        label = "measured" if r.get("measured", True) else ("extrapolated" if extrapolated else r.get("failed", "partial"))
+        params = dict(conditions, **info, status=label)
+        for metric, key, unit in (("time", "total_s", "s"), ("rate", "edits_per_s", "edits/s"), ("peak_memory", "peak_gib", "GiB")):
+            if r.get(key) is not None:
+                out.append(make("profile_run", "apply", metric, r[key], unit, ctx, extrapolated=extrapolated, params=params, **run))
+        for phase, v in r.get("phases", {}).items():
+            ph = dict(run, note=v.get("method") or v.get("note"), params={"status": label, "calls": v.get("calls")} if v.get("calls") else {"status": label})
+            ext = bool(v.get("extrapolated", False)) or (extrapolated and "extrapolated" not in v)
+            for metric, key, unit in (("time", "seconds", "s"), ("share", "share", "1"), ("peak_memory", "peak_gib", "GiB")):
+                if v.get(key) is not None:
+                    out.append(make("profile_phase", phase, metric, v[key], unit, ctx, extrapolated=ext, **ph))
+        if r.get("z_tflops") is not None:
+            out.append(make("profile_phase", "z", "tflops", r["z_tflops"], "TFLOP/s", ctx, params={"status": label},
+                            note="matrix-product work of the fast z (synthetic.z_work) over the z phase's time", **run))
+    for q in doc.get("ratios", []):
+        note = f"reference extrapolated from {q['reference_extrapolated_from']} requests"
+        for name, key in (("reference / fast", "ratio"), ("reference / fast: z", "z_ratio")):
+            if q.get(key) is not None:
+                out.append(make("profile_ratio", name, "ratio", q[key], "x", ctx, extrapolated=True, n_edits=q["edits"], note=note,
+                                params={"fast_s": q["fast_s"], "reference_s": q["reference_s"]}, **common))
+    st = doc.get("stats") or {}
+    for r in st.get("runs", []):
+        shape = {"tokens": r["tokens"], "documents": r["documents"], "max_length": st["max_length"], "d_ff": st["d_ff"]}
+        params = {"layers": st["layers"], "doc_length": st["doc_length"], "seconds": r["seconds"], "tokenise_s": r["tokenise_s"],
+                  "flops_per_token": r["flops_per_token"], "target_tokens": st["target_tokens"], "fused_speedup": st.get("fused_speedup")}
+        kw = dict(common, provider="memit_fast" if r["fused"] else "reference", shape=shape, params=params)
+        for metric, key, unit, ext in (("rate", "tokens_per_s", "tokens/s", False),
+                                       ("rate_without_tokenise", "tokens_per_s_without_tokenise", "tokens/s", False),
+                                       ("time_44M", "extrapolated_s_44M", "s", True),
+                                       ("time_44M_without_tokenise", "extrapolated_s_44M_without_tokenise", "s", True),
+                                       ("tflops", "tflops_without_tokenise", "TFLOP/s", False), ("peak_memory", "peak_gib", "GiB", False)):
+            out.append(make("stats", r["mode"], metric, r[key], unit, ctx, extrapolated=ext, **kw))
+    bad = [{k: (v.strip().splitlines()[-1][:300] if k == "error" else v) for k, v in e.items()} for e in doc.get("events", []) if e["status"] != "ok"]
+    if bad:
+        out.append(make("profile_run", "steps not completed", "count", len(bad), "steps", ctx, params={"events": bad}, **common))
+    return out
 
 
 # ---- statistics ----
@@ -523,7 +588,6 @@ def stats_bench(prof: Profiler, model, tok, hp, args) -> dict:
                "flops_per_token": float(f"{flops_per_token:.4g}"), "tflops_without_tokenise": round(flops_per_token * count / gpu_s / 1e12, 1),
                "peak_gib": gib(torch.cuda.max_memory_allocated()) if CUDA else 0.0}
         res["runs"].append(row)
-        prof.save()
         del out, texts
         cleanup()
     if len(res["runs"]) == 2:
@@ -561,8 +625,7 @@ def torch_profile(model, tok, hp, records, stats, args) -> None:
     sort = "cuda_time_total" if CUDA else "cpu_time_total"
     table = p.key_averages().table(sort_by=sort, row_limit=40)
     print(f"[profile] torch.profiler, {len(reqs)} edits, {hp.v_num_grad_steps} z steps, top ops by {sort}:\n{table}", flush=True)
-    if not args.no_markdown:
-        (out / f"{name}_ops.txt").write_text(table)
+    (out / f"{name}_ops.txt").write_text(table)
 
 
 def main(argv=None) -> int:

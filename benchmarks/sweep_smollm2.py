@@ -1,19 +1,27 @@
 """How the SmolLM2-135M preset was chosen: CounterFact ES/PS/NS after editing N records at once,
 for several critical-layer ranges and lambdas (statistics computed once per layer range).
 
-    python -m benchmarks.sweep_smollm2 --data counterfact_250.json --corpus wikitext.txt --out sweep.json
+    python -m benchmarks.sweep_smollm2 --data counterfact_250.json --corpus wikitext.txt [--records FILE]
+
+Appends records (benchmarks/results_store.py, `sweep_records`) to FILE (default
+benchmarks/results/records.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import memit_fast
 from memit_fast.eval import counterfact_metrics, evaluate_counterfact
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_store  # noqa: E402
 
 GRID = [  # (layers, lambda)
     ([4, 5, 6, 7, 8], 1000),
@@ -25,6 +33,23 @@ GRID = [  # (layers, lambda)
 ]
 
 
+def sweep_records(doc: dict, ctx: dict) -> list[dict]:
+    """Records of a sweep: kind sweep, one name per grid point ("layers 4..8, lambda 2000"; "unedited"),
+    each CounterFact metric [%] and the edit time [s]; layers, lambda, corpus and sample count in params."""
+    out = []
+    for row in doc["rows"]:
+        layers = row.get("layers")
+        name = f"layers {layers[0]}..{layers[-1]}, lambda {row['lambda']}" if layers else row.get("config", "unedited")
+        kw = dict(provider="memit_fast" if layers else "unedited", model=doc.get("model", "SmolLM2-135M"), n_edits=doc["edits"],
+                  params={"layers": layers, "lambda": row.get("lambda"), "corpus": doc["corpus"], "n_samples": doc["n_samples"]})
+        for metric, value in row.items():
+            if metric in ("layers", "lambda", "config"):
+                continue
+            out.append(results_store.make("sweep", name, "time" if metric == "edit_s" else metric, value, "s" if metric == "edit_s" else "%",
+                                          ctx, **kw))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -32,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--edits", type=int, default=250)
     p.add_argument("--cache-dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--records", default=str(results_store.DEFAULT_PATH))
     args = p.parse_args(argv)
     records = json.load(open(args.data))[: args.edits]
     model, tok = memit_fast.load_default_model()
@@ -48,8 +73,10 @@ def main(argv=None) -> int:
         rows.append({"layers": layers, "lambda": lam, "edit_s": round(time.perf_counter() - start, 1), **metrics()})
         memit_fast.restore(model, orig)
         print(rows[-1], flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"edits": len(records), "corpus": args.corpus, "n_samples": args.n_samples, "rows": rows}, f, indent=1)
+    doc = {"edits": len(records), "corpus": args.corpus, "n_samples": args.n_samples, "rows": rows}
+    ctx = results_store.context("sweep_smollm2", "python -m benchmarks.sweep_smollm2 " + " ".join(sys.argv[1:]))
+    n = results_store.append(sweep_records(doc, ctx), args.records)
+    print(f"appended {n} records to {args.records}")
     return 0
 
 

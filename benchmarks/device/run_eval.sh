@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CounterFact (all 250 records) and zsRE (all 300), each edited all at once on the GPU, with the
-# unedited model's figures beside the edited one's: JSON + Markdown per dataset under $OUT.
+# unedited model's figures beside the edited one's: JSON + Markdown per dataset under $OUT, and
+# their metrics appended as records to $OUT/records.jsonl (benchmarks/results_store.py add-eval).
 #
 # Usage, from the repo root on the device machine (H100, no internet):
 #   benchmarks/device/run_eval.sh GGUF [DATA_DIR] [CORPUS]
@@ -9,7 +10,7 @@
 #     CORPUS    statistics corpus for memit_fast.apply (default DATA_DIR/wikitext-2-raw-wiki.test.raw)
 #   EVAL_SETS="counterfact zsre" (default) picks the datasets, e.g. one per device call;
 #   EVAL_ARGS adds options (e.g. "--edit-batch 50 --sequential").
-# Writes at most 6 files: eval_gpu.txt, eval_log.txt, eval_{counterfact_250,zsre_300}.{json,md}.
+# Writes at most 7 files: eval_gpu.txt, eval_log.txt, eval_{counterfact_250,zsre_300}.{json,md}, records.jsonl.
 set -euo pipefail
 gguf=${1:?usage: run_eval.sh GGUF [DATA_DIR] [CORPUS]}
 data=${2:-.device/data}
@@ -25,4 +26,6 @@ for set in ${EVAL_SETS:-counterfact zsre}; do
     --corpus "$corpus" --cache-dir /tmp/memit_fast_cache ${EVAL_ARGS:-} \
     --data "$data/${files[$set]}.json" \
     --out "$out/eval_${names[$set]}" --overwrite 2>&1 | tee -a "$out/eval_log.txt"
+  python benchmarks/results_store.py --path "$out/records.jsonl" add-eval "$out/eval_${names[$set]}/results.json" \
+    --command "benchmarks/device/run_eval.sh GGUF (EVAL_ARGS=${EVAL_ARGS:-})"
 done

@@ -7,6 +7,7 @@
 # (default 450, under the 8 minutes of one device call). MEMIT_FAST_POTRF_BLOCK=0 /
 # MEMIT_FAST_POTRS_BLOCK=0 switch the blocked potrf / potrs off (one cuSOLVER call each).
 # MEMIT_FAST_BENCH_TINY=1: small benchmark sizes (to try the script on a CPU machine).
+# Results: $OUT/records.jsonl (tests, kernels_device, bench_kernels; benchmarks/results_store.py).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
@@ -44,12 +45,14 @@ TESTS="tests/test_native_build.py tests/test_solve.py tests/test_kernels_capture
 stage tests_gpu 150 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -q -rfE -m "cuda or native" $TESTS
 stage tests_cpu 60 "$OUT/tests.log" env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -p no:cacheprovider -q -rfE \
   -m "not cuda and not native" $TESTS
+"$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-pytest "$OUT/tests.log" --name "kernel and solve tests (GPU, then CPU)" \
+  --command "pytest -m 'cuda or native' $TESTS; CUDA_VISIBLE_DEVICES= pytest -m 'not cuda and not native' $TESTS" >>"$OUT/tests.log" 2>&1
 
 # 3. benchmarks: ceilings, every kernel at real sizes, table + JSON
-stage kernels_device 180 "$OUT/bench.log" "$PY" benchmarks/kernels_device.py "$OUT/kernels_device.json" \
+stage kernels_device 180 "$OUT/bench.log" "$PY" benchmarks/kernels_device.py --records "$OUT/records.jsonl" \
   ${MEMIT_FAST_BENCH_TINY:+--tiny}
 stage bench_kernels 60 "$OUT/bench.log" "$PY" -m pytest -p no:cacheprovider -q benchmarks/bench_kernels.py \
-  --benchmark-json="$OUT/bench_kernels.json" --benchmark-columns=median,iqr,rounds
+  --records "$OUT/records.jsonl" --benchmark-columns=median,iqr,rounds
 
 # 4. what the compiler made of the covariance kernel: registers, spills, tensor-core instructions
 {

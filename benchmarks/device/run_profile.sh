@@ -12,8 +12,10 @@
 #   llama   Llama-3-8B: fast 100 and 1,000, reference on 16 requests
 # Each stage is one process with a time limit (SIGINT at the limit: the profiler writes what it
 # has) and its own budget, inside MEMIT_FAST_PROFILE_BUDGET seconds in all (default 540); a failed
-# stage is logged and the next runs. Files under $OUT (at most 8): run.log, profile_*.json (one
-# per stage), summary.txt (stages and every table), the trace (.json.gz). Prints the summary last.
+# stage is logged and the next runs. Files under $OUT (at most 8): run.log, records.jsonl (every
+# stage appends its records: benchmarks/results_store.py), summary.txt (stages and every table),
+# the trace (.json.gz). Prints the summary last. Then, here:
+#   python benchmarks/results_store.py merge DEVICE_OUT/records.jsonl && python benchmarks/plot_results.py
 # Settings: MEMIT_FAST_PROFILE_STAGES (default "gptj stats gptj_mem gpt2xl llama"),
 #   MEMIT_FAST_PROFILE_GPTJ_EDITS (default 100,10000,1000), MEMIT_FAST_PROFILE_REF (default 32),
 #   MEMIT_FAST_BENCH_TINY=1 (tiny configs, few edits: to try this script on a CPU machine).
@@ -30,7 +32,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG=$OUT/run.log
-COMMON=(--out "$OUT" --no-markdown --tokenizer .device/tokenizer)
+COMMON=(--records "$OUT/records.jsonl" --tokenizer .device/tokenizer)
 [[ -f .device/data/counterfact_250.json ]] && COMMON+=(--data .device/data/counterfact_250.json)
 TINY=()
 if [[ -n "${MEMIT_FAST_BENCH_TINY:-}" ]]; then
@@ -73,7 +75,7 @@ rm -f "$OUT"/trace_*_ops.txt
 
 # Tables of every profile (plot_results.py; results.md is folded into summary.txt: 8 files at most), then the summary, last
 TABLES=${TMPDIR:-/tmp}/memit_fast_tables
-"$PY" benchmarks/plot_results.py "$OUT" --out "$TABLES" --no-plot >/dev/null 2>>"$LOG" || echo "plot_results failed (see run.log)" >>"$LOG"
+"$PY" benchmarks/plot_results.py --records "$OUT/records.jsonl" --out "$TABLES" --no-plot >/dev/null 2>>"$LOG" || echo "plot_results failed (see run.log)" >>"$LOG"
 {
   echo "== results"; cat "$TABLES/results.md" 2>/dev/null
   echo "== files"; ls -la "$OUT"

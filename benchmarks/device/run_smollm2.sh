@@ -35,7 +35,8 @@ stage demo 150 bash -c "python3 -m memit_fast.cli demo --quiet > $OUT/demo_gpu.t
 EV=(python3 -m memit_fast.eval --device cuda --batch-size 256 --corpus "$corpus" --n-samples 2000)
 stage cf 240 "${EV[@]}" --data $data/counterfact_250.json --out "$OUT/eval_counterfact_250"
 stage zsre 120 "${EV[@]}" --data $data/zsre_eval_300.json --out "$OUT/eval_zsre_300"
-stage sweep 200 python3 -m benchmarks.sweep_smollm2 --data $data/counterfact_250.json --corpus "$corpus" --out "$OUT/sweep_smollm2.json"
+python3 benchmarks/results_store.py --path "$OUT/records.jsonl" add-eval "$OUT"/eval_*/results.json --command "bash benchmarks/device/run_smollm2.sh (memit_fast.eval)" >>"$LOG" 2>&1
+stage sweep 200 python3 -m benchmarks.sweep_smollm2 --data $data/counterfact_250.json --corpus "$corpus" --records "$OUT/records.jsonl"
 { echo "== stages"; printf '%s\n' "${STATUS[@]}"; echo "== demo"; cat "$OUT/demo_gpu.txt"
   for f in "$OUT"/eval_*/report.md; do echo "== $f"; cat "$f"; done
   echo "== sweep"; grep -E "^\{" "$LOG" | tail -8; } | tee -a "$LOG"
