@@ -11,7 +11,7 @@ corpus=${2:-$data/wikitext-2-raw-wiki.test.raw}
 out=benchmarks/results/raw/eval_cpu
 tag=${EVAL_TAG:-cpu_20}
 for set in counterfact_250 zsre_eval_300; do
-  file="$out/eval_${set%%_*}_$tag.json"
-  python -m memit_fast.eval --device cpu --edits 20 --corpus "$corpus" ${EVAL_ARGS:-} --data "$data/$set.json" --out "$file"
-  python benchmarks/results_store.py add-eval "$file" --command "benchmarks/run_eval_cpu.sh (EVAL_ARGS=${EVAL_ARGS:-} EVAL_TAG=$tag)"
+  dir="$out/eval_${set%%_*}_$tag"
+  python -m memit_fast.eval --device cpu --edits 20 --corpus "$corpus" ${EVAL_ARGS:-} --data "$data/$set.json" --out "$dir" --overwrite
+  python benchmarks/results_store.py add-eval "$dir/results.json" --command "benchmarks/run_eval_cpu.sh (EVAL_ARGS=${EVAL_ARGS:-} EVAL_TAG=$tag)"
 done
