@@ -49,7 +49,7 @@ from kernels_device import environment as kernel_environment  # noqa: E402
 from plot_results import tables  # noqa: E402
 
 PHASES = ["templates", "statistics", "z", "keys and values", "solve", "weight update", "other"]
-STATS_TOKENS_ORIGINAL = 44_000_000  # GPT-J, 100,000 Wikipedia documents cut to 2048 tokens (MEMIT.md section 4)
+STATS_TOKENS_ORIGINAL = 44_000_000  # GPT-J, 100,000 Wikipedia documents cut to 2048 tokens (docs/algorithm.md section 4)
 CUDA = torch.cuda.is_available()
 
 

@@ -32,7 +32,7 @@ TINY = {
 }
 MODELS = list(REAL)
 
-# The original's template set is ["{}"] + 5 samples of 10 tokens from the model (MEMIT.md section 1).
+# The original's template set is ["{}"] + 5 samples of 10 tokens from the model (docs/algorithm.md section 1).
 # A random-weight model samples noise, so the benchmarks use 5 fixed prefixes of about that length
 # (the sampling itself is timed separately by the profiler).
 TEMPLATES = [
@@ -266,7 +266,7 @@ def block_matmul_params(model, hparams) -> int:
 
 
 def z_work(model, tok, requests, hparams, templates, steps: int | None = None) -> ZWork:
-    """The work the fast z must do at the least (MEMIT.md "work ... may skip"): per step, blocks
+    """The work the fast z must do at the least (docs/algorithm.md section 6): per step, blocks
     L+1..v_loss_layer over each row's positions from the subject's last token on, forward and
     input-gradient backward (2 + 2 flops per weight and token), plus the vocabulary projection
     at the target positions and the KL position (forward and backward). Attention scores and

@@ -1,4 +1,4 @@
-"""The statistics cache (MEMIT.md section 4): file format, keys, checksums and the model fingerprint.
+"""The statistics cache (docs/algorithm.md section 4): file format, keys, checksums and the model fingerprint.
 
 One safetensors file per layer, holding "mom2" (d_ff, d_ff) and string metadata: the `StatsKey`
 fields, the token count, the format version and a checksum of the tensor's bytes. A file is

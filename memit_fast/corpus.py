@@ -1,4 +1,4 @@
-"""Text corpora for the covariance statistics (MEMIT.md section 4).
+"""Text corpora for the covariance statistics (docs/algorithm.md section 4).
 
 A corpus is given as one of:
   * a path to a UTF-8 text file: one document per non-empty line;

@@ -1,4 +1,4 @@
-"""Edit requests in the original format, checked and normalised (MEMIT.md, "Objects")."""
+"""Edit requests in the original format, checked and normalised (docs/algorithm.md, "Notation and the objects involved")."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class MEMITHyperParams:
     """The original `MEMITHyperParams` fields, same names and meanings.
 
     layers: critical layers R (MLP output projections that get edited), ascending.
-    v_*: target-vector optimisation at layer L = max(layers) (MEMIT.md section 2).
+    v_*: target-vector optimisation at layer L = max(layers) (docs/algorithm.md section 2).
     mom2_*: covariance statistics C = E[k k^T] (section 4); mom2_update_weight is lambda (section 5).
     *_module_tmp: module paths with `{}` for the layer index.
     """

@@ -1,6 +1,6 @@
 """Hyper-parameters per architecture, detected from the model's config.
 
-Published settings (MEMIT.md): GPT-2 XL layers 13..17, lambda 20000; GPT-J layers 3..8,
+Published settings (docs/algorithm.md section 7): GPT-2 XL layers 13..17, lambda 20000; GPT-J layers 3..8,
 lambda 15000; GPT-NeoX-20B layers 6..10; Llama family layers 4..8 with weight decay 1e-3 and
 clamp factor 4. A model of another depth in a known family gets the published layer range
 scaled to its depth (`scaled_layers`). SmolLM2-135M, the default model, has its own tuned entry.

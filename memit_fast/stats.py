@@ -1,4 +1,4 @@
-"""Covariance statistics C^l = E[k k^T] of the keys of each critical layer (MEMIT.md section 4).
+"""Covariance statistics C^l = E[k k^T] of the keys of each critical layer (docs/algorithm.md section 4).
 
 Fast path: ONE forward pass per batch of text captures the keys of all requested layers at once
 and stops after the last of them; padding is masked out; each layer's keys stream into a

@@ -1,4 +1,4 @@
-"""Context templates (MEMIT.md section 1): ["{}"] plus 5 short prefixes sampled from the model.
+"""Context templates (docs/algorithm.md section 1): ["{}"] plus 5 short prefixes sampled from the model.
 
 The original samples them unseeded; here a seed (or templates passed in) makes runs reproducible.
 Templates come in groups, as in the original: [["{}"], [five prefixed templates]]; keys are

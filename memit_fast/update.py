@@ -1,4 +1,4 @@
-"""The multi-layer update (MEMIT.md section 5): spread each request's residual z_i - cur_i over the
+"""The multi-layer update (docs/algorithm.md section 5): spread each request's residual z_i - cur_i over the
 critical layers, lowest first, each layer solving (lam C^l + K K^T) A = K and adding R A^T."""
 
 from __future__ import annotations

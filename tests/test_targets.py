@@ -1,4 +1,4 @@
-"""Batched target vectors z equal one-at-a-time ones (MEMIT.md section 2)."""
+"""Batched target vectors z equal one-at-a-time ones (docs/algorithm.md section 2)."""
 
 import pytest
 import torch

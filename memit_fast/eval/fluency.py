@@ -7,7 +7,7 @@ replaced by " ". Differences: sampling is seeded (the original is not); special 
 dropped when decoding (the original removes only "<|endoftext|>"); prompts are left-padded
 with explicit position ids (the original right-pads and feeds each row's own tokens).
 
-Entropy (MEMIT.md, "How it is judged"; same formula as the original `compute_n_gram_entropy`):
+Entropy (docs/eval.md; same formula as the original `compute_n_gram_entropy`):
 
     H_n = -sum_g f_g log2 f_g      f_g: relative frequency of word n-gram g in one text
     GE(text) = (2/3 * H_2 + 4/3 * H_3) / 2         (mean of the weighted entropies)
