@@ -6,7 +6,7 @@ shape (GPT-J 6B / GPT-2 XL / Llama-3-8B configs, random weights) and dtype.
     pytest benchmarks/bench_core.py --records OUT/records.jsonl  # each result also as records (results_store.py)
 
 Stages: z (memit_fast's batched `compute_targets` vs the per-request `reference_z`, a few
-optimisation steps), key capture for one layer (`compute_keys_and_values` vs
+optimisation steps), key capture for one layer (`keys.KeyReader` vs
 `reference_keys_and_values`, tokenisation included in both), statistics accumulation
 (`compute_stats`: one fused pass for all layers vs one pass per layer, the original's structure).
 extra_info: device, versions, commit, the sizes, and edits/s, tokens/s or TFLOP/s (z: the
@@ -31,7 +31,8 @@ import synthetic  # noqa: E402
 from bench_kernels import run  # noqa: E402 - timing with device, versions and commit in extra_info
 
 from memit_fast.edit_requests import normalize_requests  # noqa: E402
-from memit_fast.keys import compute_keys_and_values, key_rows  # noqa: E402
+from memit_fast.keys import KeyReader, key_rows  # noqa: E402
+from memit_fast.layouts import layout_for  # noqa: E402
 from memit_fast.templates import flatten  # noqa: E402
 from memit_fast.tokens import encode_requests  # noqa: E402
 from memit_fast.presets import for_model  # noqa: E402
@@ -98,7 +99,8 @@ def test_key_capture(benchmark, setup, provider):
     if provider == "memit_fast":
         def fn():
             r = key_rows(encode_requests(setup.tok, reqs, flatten(synthetic.TEMPLATES), setup.hp.fact_token))
-            return compute_keys_and_values(setup.model, setup.tok, r, n, setup.hp, layer, synthetic.TEMPLATES)
+            layout = layout_for(setup.model, setup.hp)
+            return KeyReader(setup.model, layout, setup.tok, r, n, setup.hp.layers[-1], synthetic.TEMPLATES).read(layer)
     else:
         fn = lambda: reference_keys_and_values(setup.model, setup.tok, reqs, setup.hp, layer, synthetic.TEMPLATES)  # noqa: E731
     run(benchmark, fn, kind="stage", rounds=SIZES["rounds"], per_s={"edits_per_s": n, "prompt_tokens_per_s": sum(map(len, rows))},

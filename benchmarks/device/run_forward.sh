@@ -4,7 +4,8 @@
 # GPU tests (MEMIT_FAST_FORWARD_TESTS, pytest arguments), then edit profiles (fast mode,
 # statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
 # "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it). Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
-# files go to $OUT (at most 8), the summary prints last.
+# files go to $OUT (at most 8): run.log, records.jsonl (merge it with
+# `python benchmarks/results_store.py merge OUT/records.jsonl`), summary.txt, printed last.
 # Needs the tokenizer at .device/tokenizer (shared/tools/device-model-parts saves it).
 set -u
 OUT=${OUT:-$PWD/device_out}
@@ -41,13 +42,14 @@ stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider ${MEMIT_FAST_FOR
 for run in $RUNS; do
   m=${run%%:*}; limit=${MEMIT_FAST_FORWARD_LIMIT:-330}
   stage "profile_$m" $limit "$PY" -m benchmarks.profile_edits --model "$m" --edits "${run#*:}" --reference-subset 0 \
-    --out "$OUT" --no-markdown --tokenizer .device/tokenizer --budget $((limit - 20)) ${MEMIT_FAST_FORWARD_ARGS:-}
+    --records "$OUT/records.jsonl" --tokenizer .device/tokenizer --budget $((limit - 20)) ${MEMIT_FAST_FORWARD_ARGS:-}
 done
 if [[ -z "${MEMIT_FAST_FORWARD_NO_STATS:-}" ]]; then
   stage stats 150 "$PY" -m benchmarks.profile_edits --model gpt-j-6b --edits none --reference-subset 0 --stats --stats-tokens 1000000 \
-    --stats-tokens-per-layer 100000 --out "$OUT" --no-markdown --tokenizer .device/tokenizer --tag stats --budget 130
+    --stats-tokens-per-layer 100000 --records "$OUT/records.jsonl" --tokenizer .device/tokenizer --tag stats --budget 130
 fi
-"$PY" benchmarks/plot_results.py "$OUT" --out "$OUT/tables" --no-plot >/dev/null 2>>"$LOG"
+"$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-pytest "$LOG" --name "gpu tests (run_forward.sh)" >>"$LOG" 2>&1
+"$PY" benchmarks/plot_results.py --records "$OUT/records.jsonl" --out "$OUT/tables" --no-plot >/dev/null 2>>"$LOG"
 {
   echo "== results"; cat "$OUT/tables/results.md" 2>/dev/null; rm -rf "$OUT/tables"
   echo "== stages (budget ${BUDGET}s, ${SECONDS}s used)"; printf '%s\n' "${STATUS[@]}"
