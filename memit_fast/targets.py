@@ -102,13 +102,16 @@ def compute_targets(
     progress: bool = True,
     layout=None,
     cuda_graphs: bool = False,
+    steps_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one
     row per request (encoded with `tokens.encode_requests`). layout: the model's
     `memit_fast.layouts` layout (resolved here when not given). cuda_graphs: replay each chunk's
     blocks L+1..v_loss_layer (forward and backward) from a CUDA graph while its batch keeps its
     rows. Off by default: on an H200, GPT-J chunks of 4,488 suffix tokens ran at 135 TFLOP/s
-    with graphs (capture included) against 151 eager (benchmarks/results)."""
+    with graphs (capture included) against 151 eager (benchmarks/NOTES.md). steps_out: an (n,)
+    integer tensor that receives the number of Adam steps each request took before its stop rule
+    (the early-stop loss, or v_num_grad_steps - 1)."""
     layout = layout or layout_for(model, hparams)
     rows = [build_rows(r) for r in requests]
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
@@ -119,7 +122,9 @@ def compute_targets(
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
     for chunk in chunks:
-        z[chunk] = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
+        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
+        if steps_out is not None:
+            steps_out[chunk] = steps
     bar.close()
     if not torch.isfinite(z).all():
         raise TargetError("a target vector z is NaN or inf")
@@ -146,7 +151,8 @@ def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
     return int(max(1024, min(0.3 * free, 8 * 2**30) / per_token))
 
 
-def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> torch.Tensor:
+def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk."""
     device = model_device(model)
     B, n_rows = len(rows), len(rows[0].ids)
     n_t = n_rows - 1
@@ -163,6 +169,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
     m, v = torch.zeros_like(h_init), torch.zeros_like(h_init)
     kl_init = None
     active = torch.arange(B, device=device)
+    active_cpu, steps = torch.arange(B), torch.zeros(B, dtype=torch.long)
     h_active = h_L
     head_w, head_b = layout.lm_head.weight.T, getattr(layout.lm_head, "bias", None)
     forward = runner.forward
@@ -199,6 +206,8 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
         keep = flags[0]
         if it == hp.v_num_grad_steps - 1:
             keep[:] = False
+        steps[active_cpu[~keep]] = it
+        active_cpu = active_cpu[keep]
         bar.update(int((~keep).sum()))
         if not keep.any():
             break
@@ -217,7 +226,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
             runner.select(rows_kept)
             forward = runner.forward  # new shapes: eager from here on
         active = active[keep]
-    return h_init + delta.detach()
+    return h_init + delta.detach(), steps
 
 
 def _log_probs(ln_f, head_w: torch.Tensor, head_b, hidden: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,24 @@ def test_chunking_does_not_change_z():
     together = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
     one_by_one = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, chunk_tokens=1, progress=False)
     assert _rel(one_by_one, together) < 1e-9
+
+
+def test_steps_out_counts_each_requests_adam_steps(monkeypatch):
+    """steps_out holds the Adam steps each request took: a request that meets the stop rule at
+    once keeps z = h_init (what one step of v_num_grad_steps=1 returns), the others run to the end;
+    batched and one-at-a-time runs agree on every count. (The tiny model's loss starts near
+    ln(vocab); a stop loss between the requests' first losses makes them stop apart.)"""
+    m, tok = tiny.model("llama"), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=8, v_lr=2.0)
+    reqs = normalize_requests(tiny.REQUESTS)
+    monkeypatch.setattr(targets, "STOP_LOSS", 6.85)
+    steps = torch.full((len(reqs),), -1, dtype=torch.long)
+    z = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, steps_out=steps)
+    assert sorted(steps.tolist()) == [0, 7, 7]
+    for i, r in enumerate(reqs):
+        alone = torch.zeros(1, dtype=torch.long)
+        compute_targets(m, tok, [r], hp, tiny.TEMPLATES, progress=False, steps_out=alone)
+        assert alone.item() == steps[i]
+    stopped = int((steps == 0).nonzero()[0, 0])
+    h_init = compute_targets(m, tok, [reqs[stopped]], hp.replace(v_num_grad_steps=1), tiny.TEMPLATES, progress=False)
+    assert torch.equal(z[stopped], h_init[0])
