@@ -3,7 +3,10 @@
 # The forward-path run (issue 8): optionally the native build (MEMIT_FAST_FORWARD_BUILD=1), the
 # GPU tests (MEMIT_FAST_FORWARD_TESTS, pytest arguments), then edit profiles (fast mode,
 # statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
-# "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it). Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
+# "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it).
+# With MEMIT_FAST_FORWARD_GGUF=FILE (the default model, shared/tools/device-model-parts), first:
+# CounterFact-250 and zsRE-300 edited all at once with the default model (eval, WikiText-2
+# statistics from 2,000 lines) and the z steps' histogram on CounterFact-250. Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 540);
 # files go to $OUT (at most 8): run.log, records.jsonl (merge it with
 # `python benchmarks/results_store.py merge OUT/records.jsonl`), summary.txt, printed last.
 # Needs the tokenizer at .device/tokenizer (shared/tools/device-model-parts saves it).
@@ -33,6 +36,16 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit (SIGINT first, so 
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
   "$PY" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
 } >>"$LOG" 2>&1
+if [[ -n "${MEMIT_FAST_FORWARD_GGUF:-}" ]]; then
+  export MEMIT_FAST_DEFAULT_GGUF=$MEMIT_FAST_FORWARD_GGUF MEMIT_FAST_CACHE=/tmp/memit_fast_cache
+  data=.device/data
+  stage convert 90 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
+  EV=("$PY" -m memit_fast.eval --device cuda --batch-size 256 --corpus $data/wikitext-2-raw-wiki.test.raw --n-samples 2000 --quiet)
+  stage eval_cf 150 "${EV[@]}" --data $data/counterfact_250.json --out "$OUT/eval_counterfact_250"
+  stage eval_zsre 90 "${EV[@]}" --data $data/zsre_eval_300.json --out "$OUT/eval_zsre_300"
+  "$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-eval "$OUT"/eval_*/results.json --command "bash benchmarks/device/run_forward.sh (MEMIT_FAST_FORWARD_GGUF)" >>"$LOG" 2>&1
+  stage z_steps 90 "$PY" -m benchmarks.z_steps --data $data/counterfact_250.json --records "$OUT/records.jsonl"
+fi
 if [[ -n "${MEMIT_FAST_FORWARD_BUILD:-}" ]]; then
   rm -rf build memit_fast/_native*.so
   stage build 120 env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
