@@ -238,7 +238,8 @@ def _covariances(model, tok, hparams, weights, cfg: EditConfig, layout) -> dict[
         return {w.layer: torch.eye(w.d_ff) for w in weights}
     stats = cfg.stats
     if stats is None:
-        log.info("statistics: corpus %s, cache %s", cfg.corpus or hparams.mom2_dataset, cfg.cache_dir)
+        corpus = cfg.corpus if cfg.corpus is not None else hparams.mom2_dataset
+        log.info("statistics: corpus %s, cache %s", corpus if isinstance(corpus, str) else f"of {len(corpus)} given documents", cfg.cache_dir)
         stats = compute_stats(
             model, tok, hparams, corpus=cfg.corpus, batch_tokens=cfg.stats_batch_tokens, cache_dir=cfg.cache_dir,
             seed=cfg.seed, progress=cfg.progress, one_pass_per_layer=cfg.mode == "reference", layout=layout,

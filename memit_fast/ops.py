@@ -22,13 +22,16 @@ import torch
 
 from . import native
 from .kernels import capture, covariance, gram
+from .kernels._triton import HAVE_TRITON
 from .kernels.covariance import TileConfig
 from .native import POTRF_BLOCK, POTRS_BLOCK
 
 
 def _declare(name: str, schema: str, mutates: tuple[str, ...], reference, cuda, fake) -> None:
+    """Without Triton a Triton op runs its twin on CUDA too."""
     op = torch.library.custom_op(f"memit_fast::{name}", reference, mutates_args=mutates, schema=schema)
-    op.register_kernel("cuda", cuda)
+    triton_kernel = getattr(cuda, "__module__", "").startswith("memit_fast.kernels")
+    op.register_kernel("cuda", cuda if HAVE_TRITON or not triton_kernel else reference)
     op.register_fake(fake)
 
 

@@ -45,11 +45,15 @@ mixed and woodbury check cuSOLVER's / torch's `info`); NaN or inf in the result 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .errors import NotPositiveDefiniteError, SolveError
 from .native import check_finite
 from .ops import POTRF_BLOCK, POTRS_BLOCK
+
+log = logging.getLogger(__name__)
 
 METHODS = ("auto", "cholesky", "woodbury", "dense", "mixed")
 TC_FLOP_WEIGHT = 1 / 12  # an fp16 tensor-core flop in fp64 flops (H100: ~750 vs ~62 TFLOP/s)
@@ -158,6 +162,7 @@ def _solve(cov, keys, resid, lam, method, factor, dtype, blocks) -> torch.Tensor
     m = None if resid is None else resid.shape[0]
     dt = _compute_dtype(cov, dtype)
     chosen = _auto(d, n, factor is not None, m) if method == "auto" else method
+    log.info("solve: %s for d=%d, n=%d%s (%s)", chosen, d, n, ", cached factor" if factor is not None else "", "auto: fewest flops" if method == "auto" else "asked")
     if chosen == "dense":  # the reference twin: float64 whatever `dtype` asks
         a = solve_update_keys_reference(cov, keys, lam)
         return a if resid is None else check_finite((resid.double() @ a.mT).contiguous(), "R A^T")

@@ -14,6 +14,7 @@ Statistics are sums: shards computed on several GPUs add up (sum and count) befo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .model_access import in_features, model_device, rewrite_weights
 from .ops import CovarianceAccumulator
 from .tokens import length_batches, pad_id, pad_right
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 1024
 MODEL_SAMPLE_LENGTH = 64  # tokens per document when the corpus is sampled from the model
 
@@ -130,6 +132,7 @@ def compute_stats(
         for layer, key in keys.items():
             if key.path(cache_dir).exists():
                 out[layer] = load_stats(key.path(cache_dir), key)
+                log.info("statistics of layer %d loaded from %s", layer, key.path(cache_dir))
     todo = [layer for layer in layers if layer not in out]
     if not todo:
         return out
@@ -145,8 +148,9 @@ def compute_stats(
             stats = LayerStats(accs[name].mean().to(dtype), accs[name].count)
             check_stats(stats.mom2, stats.count, f"layer {layer}")
             out[layer] = stats
-            if use_cache:
-                save_stats(keys[layer].path(cache_dir), keys[layer], stats)
+            log.info("statistics of layer %d computed over %d tokens of corpus %s", layer, stats.count, corpus_id)
+            if use_cache and save_stats(keys[layer].path(cache_dir), keys[layer], stats):
+                log.info("statistics of layer %d written to %s", layer, keys[layer].path(cache_dir))
     return {layer: out[layer] for layer in layers}
 
 

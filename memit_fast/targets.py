@@ -14,6 +14,7 @@ sum of the per-request losses, so the z are those of one-at-a-time optimisation 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from .layouts import layout_for
 from .model_access import float_dtype, hidden_size, model_device
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
+log = logging.getLogger(__name__)
 STOP_LOSS = 5e-2  # the original's early-stop threshold
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults, as the original uses
 
@@ -118,6 +120,8 @@ def compute_targets(
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
     padded = [len(r.ids) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
     chunks = length_batches(padded, budget)
+    log.info("z: %d requests in %d chunks of up to %d padded suffix tokens (%s), %s layout", len(rows), len(chunks), budget,
+             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"))
 
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)

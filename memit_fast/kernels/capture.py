@@ -12,8 +12,8 @@ out of bounds. `gather_rows_triton` is the CUDA implementation of the op memit_f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 
 @triton.jit

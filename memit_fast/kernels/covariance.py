@@ -27,9 +27,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._triton import TensorDescriptor, tl, triton
 
 
 # Triton's interpreter (CPU tests) multiplies bf16 dot operands as their raw uint16 bits

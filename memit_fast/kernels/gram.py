@@ -22,8 +22,8 @@ memit_fast::gram (memit_fast/ops.py), `gram_reference` its twin (the CPU path).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 from .covariance import TileConfig, syrk_lower_
 
