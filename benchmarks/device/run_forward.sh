@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root:  bash benchmarks/device/run_forward.sh
 # The forward-path run (issue 8): optionally the native build (MEMIT_FAST_FORWARD_BUILD=1), the
-# GPU tests (MEMIT_FAST_FORWARD_TESTS, pytest arguments), then edit profiles (fast mode,
+# GPU tests (MEMIT_FAST_FORWARD_TESTS: paths, MEMIT_FAST_FORWARD_MARK: a marker expression), then edit profiles (fast mode,
 # statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
 # "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it).
 # With MEMIT_FAST_FORWARD_GGUF=FILE (the default model, shared/tools/device-model-parts), first:
@@ -51,7 +51,8 @@ if [[ -n "${MEMIT_FAST_FORWARD_BUILD:-}" ]]; then
   stage build 120 env MEMIT_FAST_BUILD_NATIVE=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
   "$PY" -m memit_fast info >>"$LOG" 2>&1
 fi
-stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
+MARK=(); [[ -n "${MEMIT_FAST_FORWARD_MARK:-}" ]] && MARK=(-m "$MEMIT_FAST_FORWARD_MARK")
+stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${MARK[@]}" ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
 for run in $RUNS; do
   m=${run%%:*}; limit=${MEMIT_FAST_FORWARD_LIMIT:-330}
   stage "profile_$m" $limit "$PY" -m benchmarks.profile_edits --model "$m" --edits "${run#*:}" --reference-subset 0 \
