@@ -119,6 +119,18 @@ def _buffer(t: torch.Tensor):
     return _module.Buffer(t.data_ptr(), list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch."), t.get_device())
 
 
+def _buffers(op: str, **tensors: torch.Tensor) -> list:
+    """The descriptors of one call's operands, refused here when they are on different devices.
+    The C++ layer checks the same; on the H200 (2026-11-30) its error for a CUDA factor with a
+    host right-hand side crashed the process instead of raising (benchmarks/NOTES.md)."""
+    devices = {name: t.get_device() for name, t in tensors.items()}
+    first = next(iter(tensors))
+    for name, device in devices.items():
+        if device != devices[first]:
+            raise ValueError(f"{op}: {name} is on device {device}, the other operands on {devices[first]}")
+    return [_buffer(t) for t in tensors.values()]
+
+
 def _stream(t: torch.Tensor) -> int:
     """The current torch stream of t's device (0, the host, for CPU tensors: the tests' stand-in)."""
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
@@ -134,7 +146,8 @@ def potrf(a: torch.Tensor, upper: bool, block: int) -> torch.Tensor:
     lwork, offsets = lib().potrf_plan(_buffer(a), upper, block, s)
     work = a.new_empty(max(1, lwork))
     info = torch.zeros(len(offsets), dtype=torch.int32, device=a.device)
-    _module.potrf(_buffer(a), upper, block, _buffer(work), _buffer(info), s)
+    ba, bw, bi = _buffers("potrf", a=a, work=work, info=info)
+    _module.potrf(ba, upper, block, bw, bi, s)
     if len(offsets) == 1:
         return info
     never = torch.iinfo(torch.int32).max
@@ -148,17 +161,23 @@ def potrf(a: torch.Tensor, upper: bool, block: int) -> torch.Tensor:
 def potrs(a: torch.Tensor, b: torch.Tensor, upper: bool, block: int, info: torch.Tensor) -> None:
     """b (r, n) row-major = column-major n x r := A^-1 b in place, A factored by `potrf`;
     blocked (trsm per diagonal block, GEMM between) for an upper factor and n > block > 0."""
-    lib().potrs(_buffer(a), _buffer(b), upper, block, _buffer(info), _stream(a))
+    module = lib()
+    ba, bb, bi = _buffers("potrs", a=a, b=b, info=info)
+    module.potrs(ba, bb, upper, block, bi, _stream(a))
 
 
 def syrk(a: torch.Tensor, c: torch.Tensor, upper: bool, trans: bool, alpha: float, beta: float) -> None:
     """Column-major c := alpha op(a) op(a)^T + beta c in its `upper` or lower triangle."""
-    lib().syrk(_buffer(a), _buffer(c), upper, trans, alpha, beta, _stream(c))
+    module = lib()
+    bc, ba = _buffers("syrk", c=c, a=a)
+    module.syrk(ba, bc, upper, trans, alpha, beta, _stream(c))
 
 
 def trsm(t: torch.Tensor, b: torch.Tensor, left: bool, upper: bool, trans: bool) -> None:
     """Column-major b := op(t)^-1 b (left) or b op(t)^-1 (right), t triangular."""
-    lib().trsm(_buffer(t), _buffer(b), left, upper, trans, 1.0, _stream(t))
+    module = lib()
+    bt, bb = _buffers("trsm", t=t, b=b)
+    module.trsm(bt, bb, left, upper, trans, 1.0, _stream(t))
 
 
 def _on_device(t: torch.Tensor):
