@@ -111,8 +111,11 @@ def test_committed_records_hold_the_published_figures():
 
     assert one(kind="profile_run", name="apply", metric="time", model="gpt-j-6b", provider="memit_fast", n_edits=1000, commit="81c4ac4") == pytest.approx(59.4, abs=0.05)
     assert one(kind="profile_ratio", name="reference / fast", n_edits=1000, commit="81c4ac4") == 40.0
-    assert one(kind="stats", metric="rate", provider="memit_fast") == 47896
-    assert one(kind="eval", metric="S", provider="memit_fast", n_edits=250) == pytest.approx(84.6, abs=0.05)
+    assert one(kind="stats", metric="rate", provider="memit_fast", commit="81c4ac4") == 47896
+    assert one(kind="stats", metric="rate", provider="memit_fast", commit="2d62b68") == 83577  # the forward path's pass
+    assert one(kind="profile_run", name="apply", metric="time", model="gpt-j-6b", provider="memit_fast", n_edits=5000, commit="2d62b68") == pytest.approx(213, abs=0.5)
+    assert one(kind="eval", metric="S", provider="memit_fast", n_edits=300, commit="2b178f3") == pytest.approx(41.9, abs=0.05)
+    assert one(kind="eval", metric="S", provider="memit_fast", n_edits=250, commit="e7164f7") == pytest.approx(84.6, abs=0.05)
     assert one(kind="sweep", name="layers 4..8, lambda 2000", metric="S") == 84.6
     assert one(kind="test_run", name="GPU tests (cuda or native), H200", metric="passed") == 75
     assert "| fused (one pass, all layers) | 1,043,848 | 47,896 |" in tables(recs)

@@ -137,8 +137,9 @@ def cache_arg(module: nn.Module, cache) -> dict:
 
 
 def returned_cache(output):
-    """The cache a forward returned, under either name."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
+    """The cache a forward returned, under either name (its output's field, or attribute)."""
+    fields = getattr(output, "__dataclass_fields__", None) or vars(output)
+    return getattr(output, "cache" if "cache" in fields else "past_key_values")
 
 
 def model_device(model: nn.Module) -> torch.device:
