@@ -67,7 +67,19 @@ class PrefixCache:
         return PrefixCache({i: kv for i, kv in self.kv.items() if i in keep}, self.mask)
 
 
-class Layout:
+class HeadAccess:
+    """Where the model's parameters live, read off its output head (`self.lm_head`)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+
+class Layout(HeadAccess):
     """A decoder-only transformer run block by block. Subclasses set `blocks`, `final_norm`,
     `lm_head`, `n_heads`, `n_kv_heads`, `head_dim`, `parallel` and implement the family hooks
     below (`embed`, `rope`, `qkv`, `attn_out`, `norm_attn`, `norm_mlp`, `mlp_key`, `mlp_out`)."""
@@ -83,14 +95,6 @@ class Layout:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     # ---- family hooks ----
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

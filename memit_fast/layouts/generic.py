@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..model_access import block_output, cache_arg, get_module, hooks, returned_cache
+from .base import HeadAccess
 
 
 class _Stop(Exception):
@@ -20,7 +21,7 @@ def _until_stop(fn, **kwargs) -> None:
         pass
 
 
-class GenericLayout:
+class GenericLayout(HeadAccess):
     """The stage operations of `Layout` (mlp_keys, key_and_output, suffix_runner, final_norm,
     lm_head) over HF's own forward, located by the hyper-parameters' module templates."""
 
@@ -31,14 +32,6 @@ class GenericLayout:
         self.base = model.base_model
         self.final_norm = get_module(model, hparams.ln_f_module)
         self.lm_head = get_module(model, hparams.lm_head_module)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def w_out(self, i: int):
         return get_module(self.model, self.hparams.rewrite_module_tmp.format(i))
