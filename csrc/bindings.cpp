@@ -14,7 +14,9 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "memit_fast native layer: cuSOLVER / cuBLAS calls on checked buffers (libraries loaded at run time)";
   m.attr("ABI_VERSION") = 2;
 
-  py::class_<Buffer>(m, "Buffer", "A tensor's memory: address, shape, strides (elements), dtype name, device index")
+  // module_local: a second build of this module in the same process (the tests' CPU stand-in
+  // beside the installed one) registers its own Buffer instead of colliding with this one.
+  py::class_<Buffer>(m, "Buffer", py::module_local(), "A tensor's memory: address, shape, strides (elements), dtype name, device index")
       .def(py::init<std::uintptr_t, std::vector<std::int64_t>, std::vector<std::int64_t>, std::string, int>(),
            py::arg("ptr"), py::arg("shape"), py::arg("strides"), py::arg("dtype"), py::arg("device"))
       .def_readonly("ptr", &Buffer::ptr)
