@@ -120,9 +120,8 @@ def _buffer(t: torch.Tensor):
 
 
 def _buffers(op: str, **tensors: torch.Tensor) -> list:
-    """The descriptors of one call's operands, refused here when they are on different devices.
-    The C++ layer checks the same; on the H200 (2026-11-30) its error for a CUDA factor with a
-    host right-hand side crashed the process instead of raising (benchmarks/NOTES.md)."""
+    """The descriptors of one call's operands, refused here when they are on different devices
+    (the C++ layer checks the same, with the same message)."""
     devices = {name: t.get_device() for name, t in tensors.items()}
     first = next(iter(tensors))
     for name, device in devices.items():
