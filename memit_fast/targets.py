@@ -128,7 +128,7 @@ def compute_targets(
     for chunk in chunks:
         z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
         if steps_out is not None:
-            steps_out[chunk] = steps
+            steps_out[chunk] = steps.cpu()
     bar.close()
     if not torch.isfinite(z).all():
         raise TargetError("a target vector z is NaN or inf")
@@ -173,7 +173,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
     m, v = torch.zeros_like(h_init), torch.zeros_like(h_init)
     kl_init = None
     active = torch.arange(B, device=device)
-    active_cpu, steps = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    steps = torch.zeros(B, dtype=torch.long, device=device)
     h_active = h_L
     head_w, head_b = layout.lm_head.weight.T, getattr(layout.lm_head, "bias", None)
     forward = runner.forward
@@ -207,15 +207,14 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
         flags = torch.stack([loss.detach() >= STOP_LOSS, ~torch.isfinite(loss.detach())]).cpu()
         if flags[1].any():
             raise TargetError(f"the z loss is NaN or inf at step {it} for {int(flags[1].sum())} request(s) of this chunk")
-        keep = flags[0]
+        keep_cpu = flags[0]
         if it == hp.v_num_grad_steps - 1:
-            keep[:] = False
-        steps[active_cpu[~keep]] = it
-        active_cpu = active_cpu[keep]
-        bar.update(int((~keep).sum()))
-        if not keep.any():
+            keep_cpu[:] = False
+        bar.update(int((~keep_cpu).sum()))
+        keep = keep_cpu.to(device)
+        steps[active[~keep]] = it
+        if not keep_cpu.any():
             break
-        keep = keep.to(device)
         loss[keep].sum().backward()
         with torch.no_grad():
             _adam_step(delta, m, v, active[keep], it + 1, hp.v_lr)
@@ -224,7 +223,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
             over = norms > max_norm[idx]
             delta[idx[over]] *= (max_norm[idx[over]] / norms[over])[:, None]
         delta.grad = None
-        if not keep.all():  # the batch shrinks: select the rows of the requests that go on, once
+        if not keep_cpu.all():  # the batch shrinks: select the rows of the requests that go on, once
             rows_kept = (keep.nonzero()[:, 0, None] * n_rows + torch.arange(n_rows, device=device)).reshape(-1)
             h_active = h_active[rows_kept]
             runner.select(rows_kept)
