@@ -38,13 +38,20 @@ class KeyReader:
         self.n_requests, self.n_rows = n_requests, len(rows)
         self.device, self.dtype = model_device(model), float_dtype(model)
         self.d_model = hidden_size(model)
-        n_t = len(rows) // n_requests
+        self.n_t = n_t = len(rows) // n_requests
         self.batches = []
         for batch in length_batches([len(r) for r in rows], batch_tokens):
             ids, mask = pad_right([rows[i] for i in batch], pad_id(tok), self.device)
             last = mask.sum(1) - 1
-            bare = torch.tensor([i % n_t == 0 for i in batch], device=self.device)
-            self.batches.append({"rows": torch.tensor(batch, device=self.device), "ids": ids, "mask": mask, "last": last, "bare": bare})
+            bare = [j for j, i in enumerate(batch) if i % n_t == 0]
+            width = ids.shape[1]
+            self.batches.append({
+                "rows": torch.tensor(batch, device=self.device), "ids": ids, "mask": mask,
+                "bare": torch.tensor(bare, dtype=torch.long, device=self.device),  # positions in the batch
+                "key_index": torch.arange(len(batch), device=self.device) * width + last,  # flat (row, last token)
+                "cur_index": torch.arange(len(bare), device=self.device) * width + last[bare],  # the same over the bare rows
+                "cur_rows": torch.tensor([batch[j] // n_t for j in bare], dtype=torch.long, device=self.device),  # their requests
+            })  # fmt: skip
         self.incremental = isinstance(layout, Layout)
         self.read_so_far = -1
 
@@ -61,20 +68,18 @@ class KeyReader:
         k_buf = torch.empty(max(len(b["rows"]) for b in self.batches), d_ff, device=self.device, dtype=self.dtype)
         for b in self.batches:
             n = len(b["rows"])
-            index = torch.arange(n, device=self.device) * b["ids"].shape[1] + b["last"]
             if self.incremental:
                 key, out = self._read_incremental(b, layer)
             else:
                 key, out = self.layout.key_and_output(b["ids"], b["mask"], layer, self.out_layer)
                 out = out[b["bare"]]
-            gather_rows(key, index, out=k_buf[:n])
+            gather_rows(key, b["key_index"], out=k_buf[:n])
             keys[b["rows"]] = k_buf[:n]
-            bare_rows = b["rows"][b["bare"]]
-            if len(bare_rows):  # out holds the bare rows only
-                v_buf = torch.empty(len(bare_rows), self.d_model, device=self.device, dtype=self.dtype)
-                gather_rows(out, torch.arange(len(bare_rows), device=self.device) * out.shape[1] + b["last"][b["bare"]], out=v_buf)
-                cur[bare_rows // (self.n_rows // self.n_requests)] = v_buf
-        k_all = keys.view(self.n_requests, self.n_rows // self.n_requests, -1)
+            if len(b["cur_rows"]):  # out holds the bare rows only
+                v_buf = torch.empty(len(b["cur_rows"]), self.d_model, device=self.device, dtype=self.dtype)
+                gather_rows(out, b["cur_index"], out=v_buf)
+                cur[b["cur_rows"]] = v_buf
+        k_all = keys.view(self.n_requests, self.n_t, -1)
         groups = torch.tensor(group_index(self.templates), device=self.device)
         n_groups = int(groups.max()) + 1
         return torch.stack([k_all[:, groups == g].mean(1) for g in range(n_groups)], 1).mean(1), cur
