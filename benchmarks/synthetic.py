@@ -269,7 +269,8 @@ def z_work(model, tok, requests, hparams, templates, steps: int | None = None) -
     """The work the fast z must do at the least (docs/algorithm.md section 6): per step, blocks
     L+1..v_loss_layer over each row's positions from the subject's last token on, forward and
     input-gradient backward (2 + 2 flops per weight and token), plus the vocabulary projection
-    at the target positions and the KL position (forward and backward). Attention scores and
+    at the target positions and the KL position (forward and backward); the KL row counts only
+    where the bare row cannot stand in for it (targets.py shortcut 5). Attention scores and
     element-wise work are left out. Every request runs all `steps` (default v_num_grad_steps):
     random weights never reach the early-stop loss."""
     from memit_fast.edit_requests import normalize_requests
@@ -283,7 +284,8 @@ def z_work(model, tok, requests, hparams, templates, steps: int | None = None) -
     suffix = head = 0
     for enc in encode_requests(tok, normalize_requests(requests), flat, hparams.fact_token):
         rows = build_rows(enc)
-        suffix += sum(len(ids) - s for ids, s in zip(rows.ids, rows.lookup))
+        run = len(rows.ids) - rows.kl_in_bare  # the KL row is not run when the bare row holds it
+        suffix += sum(len(ids) - s for ids, s in zip(rows.ids[:run], rows.lookup))
         head += len(flat) * len(rows.target) + 1
     layers = hparams.v_loss_layer - hparams.layers[-1]
     d, vocab = hidden_size(model), model.config.vocab_size

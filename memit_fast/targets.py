@@ -6,7 +6,11 @@
 2. layers 0..L run once, without gradients, over the suffix [s, end); each step runs only layers
    L+1..v_loss_layer over the suffix, on top of the cached prefix (`layouts.SuffixRunner`);
 3. the vocabulary projection is taken at the target positions and the KL position only;
-4. a request that meets its stop rule (loss < 0.05) leaves the batch.
+4. a request that meets its stop rule (loss < 0.05) leaves the batch;
+5. the KL prompt "{subject} is a" is read at the subject's last token, which the bare prompt
+   (context template "{}") also holds with the same tokens before it: under causal attention both
+   rows give the same hidden states there, so when their tokens agree the KL distribution is read
+   from the bare row and the KL row is not run (a chunk's rows then all have the same suffix).
 
 Each request keeps its own loss, Adam state, early stop and norm clamp, and the total loss is the
 sum of the per-request losses, so the z are those of one-at-a-time optimisation (up to rounding).
@@ -40,6 +44,7 @@ class RequestRows:
     lookup: list[int]  # subject's token per row
     target: list[int]  # target token ids (T)
     target_start: list[int]  # per rewriting row: position whose logits predict target[0]
+    kl_in_bare: bool  # the KL row's tokens are the bare row's up to the subject (shortcut 5)
 
 
 def build_rows(enc: EncodedRequest) -> RequestRows:
@@ -48,14 +53,16 @@ def build_rows(enc: EncodedRequest) -> RequestRows:
         ids.append(p.ids + enc.target[:-1])
         lookup.append(p.lookup)
         starts.append(len(p.ids) - 1)
-    ids.append(enc.kl.ids[: enc.kl.lookup + 1])
-    lookup.append(enc.kl.lookup)
-    return RequestRows(ids, lookup, enc.target, starts)
+    kl, bare = enc.kl, enc.prompts[0]  # prompts[0]: the bare template "{}"
+    ids.append(kl.ids[: kl.lookup + 1])
+    lookup.append(kl.lookup)
+    return RequestRows(ids, lookup, enc.target, starts, kl.lookup == bare.lookup and kl.ids[: kl.lookup + 1] == bare.ids[: bare.lookup + 1])
 
 
 @dataclass
 class _Chunk:
-    """Tensors of one chunk of B requests, rows request-major: r*(n_t+1) + j, j == n_t the KL row."""
+    """Tensors of one chunk of B requests, rows request-major: r*n_rows + j; n_rows = n_t + 1 with
+    the KL row last (j == n_t), or n_t when the KL row is read from the bare row j == 0."""
 
     prefix_ids: torch.Tensor  # (R, P)
     prefix_mask: torch.Tensor  # (R, P)
@@ -67,10 +74,10 @@ class _Chunk:
     target_mask: torch.Tensor  # (B, n_t, T)
 
 
-def _make_chunk(rows: list[RequestRows], pad: int, device) -> _Chunk:
-    prefixes = [ids[:s] for r in rows for ids, s in zip(r.ids, r.lookup)]
-    suffixes = [ids[s:] for r in rows for ids, s in zip(r.ids, r.lookup)]
-    starts = [s for r in rows for s in r.lookup]
+def _make_chunk(rows: list[RequestRows], n_rows: int, pad: int, device) -> _Chunk:
+    prefixes = [ids[:s] for r in rows for ids, s in zip(r.ids[:n_rows], r.lookup)]
+    suffixes = [ids[s:] for r in rows for ids, s in zip(r.ids[:n_rows], r.lookup)]
+    starts = [s for r in rows for s in r.lookup[:n_rows]]
     width = max(map(len, prefixes))
     if width:
         prefix_ids, prefix_mask = pad_right([p or [pad] for p in prefixes], pad, device)
@@ -118,7 +125,7 @@ def compute_targets(
     rows = [build_rows(r) for r in requests]
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
-    padded = [len(r.ids) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
+    padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
     chunks = length_batches(padded, budget)
     log.info("z: %d requests in %d chunks of up to %d padded suffix tokens (%s), %s layout", len(rows), len(chunks), budget,
              "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"))
@@ -158,10 +165,11 @@ def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
 def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (B, d_model), Adam steps taken per request (B,)) of one chunk."""
     device = model_device(model)
-    B, n_rows = len(rows), len(rows[0].ids)
-    n_t = n_rows - 1
+    B, n_t = len(rows), len(rows[0].target_start)
+    kl_row = 0 if all(r.kl_in_bare for r in rows) else n_t  # shortcut 5, when every request allows it
+    n_rows = n_t + (kl_row == n_t)
     L, loss_layer = hp.layers[-1], hp.v_loss_layer
-    c = _make_chunk(rows, pad_id(tok), device)
+    c = _make_chunk(rows, n_rows, pad_id(tok), device)
     # Once: the prefix cache and block L's output over the suffix, no gradients.
     runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
     h_L = runner.hidden  # (R, S, d)
@@ -196,7 +204,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
         nll = -(token_lp * mask).sum(-1) / mask.sum(-1)
         nll = nll.mean(1)
         # KL(p_now || p_before) of the next-token distribution at the subject of "{subject} is a".
-        kl_lp = _log_probs(layout.final_norm, head_w, head_b, final[:, n_t, 0])
+        kl_lp = _log_probs(layout.final_norm, head_w, head_b, final[:, kl_row, 0])
         if kl_init is None:
             kl_init = kl_lp.detach().clone()
         kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[active])).sum(-1)

@@ -375,3 +375,41 @@ def test_bfloat16_on_the_gpu(name):
         err = (got[keep].double() - ref[keep]).abs().max().item()
         tol = 2 * (hf[keep].double() - ref[keep]).abs().max().item()
         assert err <= tol, f"{name} {what}: layout bf16 error {err:.3e} > twice HF bf16's error ({tol:.3e})"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_prefix_attention_equals_sdpa_over_the_joined_keys(dtype, tol, heads, kv_heads):
+    """prefix_attention (prefix read in place, grouped heads unrepeated) == SDPA over the prefix
+    joined to the rows' own keys, outputs and gradients, on a padded prefix with a sliding window;
+    tolerances relative to the largest value, per dtype, against float64."""
+    from memit_fast.layouts.base import prefix_attention
+
+    g = torch.Generator().manual_seed(11)
+    B, S, P, hd = 3, 5, 7, 16
+    q, k, v = (torch.randn(B, h, S, hd, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    past = tuple(torch.randn(B, kv_heads, P, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    real = torch.tensor([7, 3, 0])  # prefix tokens per row; the rest is padding
+    prefix_ok = torch.arange(P)[None, :] < real[:, None]
+    pos = real[:, None] + torch.arange(S)
+    keys = torch.cat([torch.arange(P).expand(B, P), pos], dim=1)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=-1)
+    mask = (mask & ((pos[:, :, None] - keys[:, None, :]) < 6))[:, None]  # window of 6 positions
+
+    def sdpa(q, k, v, pk, pv):
+        rep = heads // kv_heads
+        kk, vv = torch.cat([pk, k], 2).repeat_interleave(rep, 1), torch.cat([pv, v], 2).repeat_interleave(rep, 1)
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=0.3)
+
+    def run(fn, dt):
+        ins = [t.detach().to(dt, copy=True).requires_grad_(i < 3) for i, t in enumerate((q, k, v, *past))]
+        out = fn(*ins)
+        out.float().pow(2).sum().backward()
+        return [out.double()] + [t.grad.double() for t in ins[:3]]
+
+    ref = run(sdpa, torch.float64)
+    got = run(lambda q, k, v, pk, pv: prefix_attention(q, k, v, (pk, pv), mask, 0.3), dtype)
+    for name, a, b in zip(("output", "dq", "dk", "dv"), got, ref):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"{name}: {err:.2e} relative to float64 SDPA (tolerance {tol:.0e} for {dtype})"

@@ -30,9 +30,11 @@ def test_batched_z_equals_one_at_a_time(arch):
     alone = torch.cat([compute_targets(m, tok, [r], hp, tiny.TEMPLATES, progress=False) for r in reqs])
     ref = torch.stack([reference_z(m, tok, r, hp, tiny.TEMPLATES) for r in reqs])
     assert batched.dtype == torch.float64
-    # float64 models: the only differences are rounding, amplified a little by Adam.
-    assert _rel(batched, alone) < 1e-9
-    assert _rel(batched, ref) < 1e-9
+    # float64 models: the only differences are rounding, amplified by Adam: near a zero gradient
+    # its step moves by up to lr/eps (5e7 here) per unit of gradient rounding. Reading the KL
+    # distribution from the bare row (shortcut 5) rounds differently from the KL row: ~2e-8 on llama.
+    assert _rel(batched, alone) < 1e-7
+    assert _rel(batched, ref) < 1e-7
 
 
 def test_z_moves_towards_the_target():
@@ -108,3 +110,25 @@ def test_steps_out_counts_each_requests_adam_steps(monkeypatch):
     stopped = int((steps == 0).nonzero()[0, 0])
     h_init = compute_targets(m, tok, [reqs[stopped]], hp.replace(v_num_grad_steps=1), tiny.TEMPLATES, progress=False)
     assert torch.equal(z[stopped], h_init[0])
+
+
+def test_kl_row_read_from_the_bare_row(monkeypatch):
+    """Shortcut 5: where the KL prompt's tokens up to the subject are the bare prompt's, the KL row
+    is not run and z is what it is with the KL row run (float64)."""
+    m, tok = tiny.model("gpt2"), tiny.tokenizer()
+    hp = tiny.hparams(m)
+    reqs = normalize_requests(tiny.REQUESTS)
+    enc = encode_requests(tok, reqs, flatten(tiny.TEMPLATES), hp.fact_token)
+    shared = [targets.build_rows(e).kl_in_bare for e in enc]
+    assert any(shared)  # the tiny requests exercise the shortcut
+    with_shortcut = torch.cat([_compute_targets(m, tok, [e], hp, progress=False) for e in enc])
+    build = targets.build_rows
+
+    def without(e):
+        rows = build(e)
+        rows.kl_in_bare = False
+        return rows
+
+    monkeypatch.setattr(targets, "build_rows", without)
+    without_shortcut = torch.cat([_compute_targets(m, tok, [e], hp, progress=False) for e in enc])
+    assert _rel(with_shortcut, without_shortcut) < 1e-9

@@ -29,6 +29,32 @@ def fused_activation(act: nn.Module):
     return act
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Attention scores are formed in float32 at least (as fused attention kernels do)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
+    """Attention of rows over their cached prefix and their own tokens, without joining the two:
+    the prefix's keys and values are read in place (no copy per step, no gradient for them), and
+    grouped-query heads share their key/value head without repeating it.
+
+    q (B, H, S, h_d); k, v (B, H_kv, S, h_d): the rows' own; past: the prefix's (k (B, H_kv, P, h_d),
+    kept in `score_dtype` by SuffixRunner so no step converts it, v (B, H_kv, P, h_d)); mask (B, 1,
+    S, P + S) bool, True where a query may attend. Scores and softmax in `score_dtype`, the
+    probabilities cast to v's dtype for the products with v. Returns (B, H, S, h_d)."""
+    B, H, S, hd = q.shape
+    H_kv, P = k.shape[1], past[0].shape[2]
+    f = score_dtype(q.dtype)
+    qg = q.reshape(B, H_kv, H // H_kv * S, hd).to(f)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
+    scores = torch.cat([qg @ past[0].to(f).transpose(-1, -2), qg @ k.to(f).transpose(-1, -2)], dim=-1)
+    scores = scores.view(B, H_kv, H // H_kv, S, P + S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
+    p = scores.softmax(-1).to(v.dtype).view(B, H_kv, H // H_kv * S, P + S)
+    o = p[..., :P] @ past[1] + p[..., P:] @ v
+    return o.view(B, H, S, hd)
+
+
 @dataclass
 class Context:
     """The attention inputs of one batch, shared by every block.
@@ -86,6 +112,9 @@ class Layout(HeadAccess):
 
     family = ""
     parallel = False  # attention and MLP read the same block input (GPT-J, NeoX parallel residual)
+    # attention over a cached prefix by `prefix_attention` (True), or by SDPA after joining the
+    # prefix's keys and values to the rows' own (False: kept for benchmarks/z_probe.py's comparison)
+    split_prefix_attention = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -161,12 +190,15 @@ class Layout(HeadAccess):
         """Block i's attention output (B, S, d) and this call's (k, v) (before the prefix is joined)."""
         q, k, v = self.qkv(i, x, ctx.rope)
         kv = (k, v)
+        mask = ctx.windowed.get(self.window(i), ctx.mask)
+        if past is not None and self.split_prefix_attention:
+            o = prefix_attention(q, k, v, past, mask, self.attn_scale(i))
+            return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = ctx.windowed.get(self.window(i), ctx.mask)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.attn_scale(i))
         return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
 
@@ -265,6 +297,8 @@ class SuffixRunner:
             h, ctx = layout.start(suffix_ids, suffix_pos, cache)
             self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
         self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
+        if self.cache is not None and layout.split_prefix_attention:  # keys in the scores' dtype, once
+            self.cache.kv = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
         self.positions = suffix_pos
         self.ctx = ctx
 
