@@ -1,7 +1,9 @@
-"""What bounds z on the GPU: one chunk size at a time, eager and CUDA-graph steps, TFLOP/s of the
-z FLOP model, and a torch.profiler table of eager steps (CPU time vs CUDA time per op).
+"""What bounds z on the GPU: one chunk size at a time, each attention over the cached prefix
+(`split`: layouts.base.prefix_attention, the default; `sdpa`: SDPA over the prefix joined to the
+rows' keys), eager or CUDA-graph steps, TFLOP/s of the z FLOP model, and a torch.profiler table
+of eager steps (CPU time vs CUDA time per op).
 
-    python -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 2048,4096 --steps 6
+    python -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 2048,4096 --attention split,sdpa --steps 6
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
     ap.add_argument("--chunk-tokens", default="2048,4096", help="comma-separated; 0 for the core's default from free memory")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--attention", default="split,sdpa", help="comma-separated: split, sdpa")
+    ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph steps")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--profile-rows", type=int, default=25, help="rows of the profiler table (0: no profile)")
     args = ap.parse_args(argv)
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
         reqs = synthetic.make_requests(records, n, seed=1)
         enc = encode_requests(tok, normalize_requests(reqs), flat, hp.fact_token)
         work = synthetic.z_work(model, tok, reqs, hp, synthetic.TEMPLATES, steps=args.steps)
-        for graphs in (False, True):
+        for attention, graphs in [(a, g) for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))]:
+            type(layout).split_prefix_attention = attention == "split"
             compute_targets(model, tok, enc[:8], hp.replace(v_num_grad_steps=5), chunk_tokens=ct, progress=False, layout=layout, cuda_graphs=graphs)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -60,9 +65,10 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-            print(f"chunk {ct:5d} tokens, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens: graphs={graphs!s:5}  "
+            print(f"chunk {ct:5d} tokens, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens: {attention:5} graphs={graphs!s:5}  "
                   f"{dt / args.steps * 1e3:7.1f} ms/step  {work.flops / dt / 1e12:6.1f} TFLOP/s  z memory {extra:5.2f} GiB "
                   f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token)", flush=True)
+    type(layout).split_prefix_attention = True
     if args.profile_rows:
         from torch.profiler import ProfilerActivity, profile
 
