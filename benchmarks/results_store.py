@@ -112,13 +112,16 @@ def load(path=DEFAULT_PATH, **match) -> list[dict]:
 # ---- the fields every record of a run shares ----
 
 def git_commit() -> str:
-    """The checkout's commit, else $MEMIT_FAST_COMMIT (device copies have no .git), else 'unknown'."""
+    """$MEMIT_FAST_COMMIT when set (a device copy's .git can name another commit than the code that
+    ran), else the checkout's commit, else 'unknown'."""
+    if os.environ.get("MEMIT_FAST_COMMIT"):
+        return os.environ["MEMIT_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         commit = out.stdout.strip()
     except OSError:
         commit = ""
-    return commit or os.environ.get("MEMIT_FAST_COMMIT", "unknown")
+    return commit or "unknown"
 
 
 def versions() -> dict:
@@ -134,7 +137,10 @@ def versions() -> dict:
 
 
 def device_name() -> str:
-    torch = sys.modules.get("torch")
+    try:
+        import torch
+    except ImportError:
+        torch = None
     if torch is not None and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
