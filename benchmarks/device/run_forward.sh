@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-540}
-RUNS=${MEMIT_FAST_FORWARD_RUNS:-gpt-j-6b:1000,5000}
+RUNS=${MEMIT_FAST_FORWARD_RUNS-gpt-j-6b:1000,5000}  # set and empty: no edit runs
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
