@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root:  bash benchmarks/device/run_forward.sh
 # The forward-path run (issue 8): optionally the native build (MEMIT_FAST_FORWARD_BUILD=1), the
-# GPU tests (MEMIT_FAST_FORWARD_TESTS: paths, MEMIT_FAST_FORWARD_MARK: a marker expression), then edit profiles (fast mode,
+# GPU tests (MEMIT_FAST_FORWARD_TESTS: paths, or none; MEMIT_FAST_FORWARD_MARK: a marker expression), then edit profiles (fast mode,
 # statistics cached) for each MODEL:EDITS of MEMIT_FAST_FORWARD_RUNS (default
 # "gpt-j-6b:1000,5000"), then the statistics pass at 1M tokens (MEMIT_FAST_FORWARD_NO_STATS=1 skips it).
 # With MEMIT_FAST_FORWARD_GGUF=FILE (the default model, shared/tools/device-model-parts), first:
@@ -52,7 +52,9 @@ if [[ -n "${MEMIT_FAST_FORWARD_BUILD:-}" ]]; then
   "$PY" -m memit_fast info >>"$LOG" 2>&1
 fi
 MARK=(); [[ -n "${MEMIT_FAST_FORWARD_MARK:-}" ]] && MARK=(-m "$MEMIT_FAST_FORWARD_MARK")
-stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${MARK[@]}" ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
+if [[ "${MEMIT_FAST_FORWARD_TESTS:-}" != none ]]; then
+  stage gpu_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${MARK[@]}" ${MEMIT_FAST_FORWARD_TESTS:-tests/test_gpu_paths.py tests/test_layouts.py}
+fi
 for run in $RUNS; do
   m=${run%%:*}; limit=${MEMIT_FAST_FORWARD_LIMIT:-330}
   stage "profile_$m" $limit "$PY" -m benchmarks.profile_edits --model "$m" --edits "${run#*:}" --reference-subset 0 \
@@ -62,7 +64,7 @@ if [[ -z "${MEMIT_FAST_FORWARD_NO_STATS:-}" ]]; then
   stage stats 150 "$PY" -m benchmarks.profile_edits --model gpt-j-6b --edits none --reference-subset 0 --stats --stats-tokens 1000000 \
     --stats-tokens-per-layer 100000 --records "$OUT/records.jsonl" --tokenizer .device/tokenizer --tag stats --budget 130
 fi
-"$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-pytest "$LOG" --name "gpu tests (run_forward.sh)" >>"$LOG" 2>&1
+[[ "${MEMIT_FAST_FORWARD_TESTS:-}" != none ]] && "$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-pytest "$LOG" --name "gpu tests (run_forward.sh)" >>"$LOG" 2>&1
 "$PY" benchmarks/plot_results.py --records "$OUT/records.jsonl" --out "$OUT/tables" --no-plot >/dev/null 2>>"$LOG"
 {
   echo "== results"; cat "$OUT/tables/results.md" 2>/dev/null; rm -rf "$OUT/tables"
