@@ -78,7 +78,8 @@ def apply(
     weights = rewrite_weights(model, hparams)
     layout = layout_for(model, hparams)
     timer = cfg.timer or NO_TIMER
-    log.info("editing %d requests into layers %s (%s mode)", len(reqs), hparams.layers, cfg.mode)
+    ranks = f", {distributed.world()} ranks" if distributed.active() else ""
+    log.info("editing %d requests into layers %s (%s mode%s)", len(reqs), hparams.layers, cfg.mode, ranks)
     with _eval_no_param_grads(model):
         with timer("templates"):
             templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))

@@ -6,6 +6,9 @@ one loader (`ModelSpec`). Inputs and outputs are checked before any model work. 
 `memit-fast: error: ...` and exits with code 2 (`--debug` adds the traceback); a traceback
 without --debug is a bug. Progress goes to stderr through the logger "memit_fast".
 
+Several processes: `torchrun --nproc-per-node N -m memit_fast edit|stats ...` runs data parallel
+(memit_fast.distributed; one GPU per rank); rank 0 alone prints the results and writes --out.
+
 Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchmarks/README.md).
 """
 
@@ -180,6 +183,9 @@ def model_spec(args) -> ModelSpec:
         raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1 ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")
+    from .distributed import local_device
+
+    device = local_device(device)  # under torchrun: "cuda" is this rank's GPU
     check_corpus(args.corpus)
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UsageError(f"--cache-dir {args.cache_dir} exists and is not a directory")
@@ -331,6 +337,8 @@ def cmd_stats(args) -> int:
     start = time.perf_counter()
     stats = compute_stats(model, tok, hp, args.layers, corpus=args.corpus, max_length=args.max_length, cache_dir=cache,
                           seed=args.seed, progress=not args.quiet)  # fmt: skip
+    if _rank() != 0:
+        return 0
     print(f"statistics for layers {sorted(stats)} in {time.perf_counter() - start:.1f} s, cache: {cache}")
     for layer, s in stats.items():
         print(f"layer {layer}: {s.count} tokens, C {tuple(s.mom2.shape)} {s.mom2.dtype}, trace {float(s.mom2.diagonal().sum()):.4g}")
@@ -340,6 +348,12 @@ def cmd_stats(args) -> int:
         for layer, path in sorted(export_npz(args.export, model, stats, hp).items()):
             print(f"layer {layer}: exported to {path}")
     return 0
+
+
+def _rank() -> int:
+    from .distributed import rank
+
+    return rank()
 
 
 def _default_cache() -> Path:
@@ -360,6 +374,8 @@ def cmd_edit(args) -> int:
     model, tok, hp = model_spec(args).load()
     start = time.perf_counter()
     _, orig = apply(model, tok, requests, hp, return_orig_weights=True, mode=args.mode, **_settings(args))
+    if _rank() != 0:
+        return 0
     print(f"edited {len(requests)} facts into layers {hp.layers} in {time.perf_counter() - start:.1f} s")
     with output_dir(args.out) as tmp:
         save_edit(tmp, args.save, model, tok, orig, hp, requests)
@@ -490,14 +506,34 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
+    rank = int(os.environ.get("RANK", "0"))
+    if launched and args.command not in ("edit", "stats"):
+        return _error(UsageError(f"{args.command} runs in one process; under torchrun only edit and stats run (data parallel)"), args.debug)
+    if launched and rank > 0:
+        args.quiet = True  # the progress of rank 0 is enough
     _setup_logging(getattr(args, "quiet", False))
+    created = False
     try:
+        if launched:
+            from . import distributed
+            from .config import env_setting
+
+            created = distributed.init_from_env(env_setting("MEMIT_FAST_DIST_TIMEOUT"))
         return args.func(args)
     except (UsageError, MemitError, OSError) as e:
-        return _error(e, args.debug)
+        return _error(e if not launched else _ranked(e, rank), args.debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _ranked(e: BaseException, rank: int) -> BaseException:
+    """The error with this process's rank in front (torchrun interleaves the ranks' lines)."""
+    return type(e)(f"[rank {rank}] {' '.join(str(e).split())}") if isinstance(e, (UsageError, MemitError)) else e
 
 
 if __name__ == "__main__":

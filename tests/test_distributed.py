@@ -181,3 +181,34 @@ def test_checksum_sees_one_bit():
     b.view(torch.int16)[517] ^= 1
     assert distributed.checksum([a]) == distributed.checksum([a.clone()]) != distributed.checksum([b])
     assert distributed.checksum([a, a]) != distributed.checksum([a])
+
+
+def test_torchrun_edit_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m memit_fast edit` (gloo on the CPU): rank 0 writes the edit,
+    equal to one process's up to the float32 rounding of the statistics' partial sums."""
+    import json
+    import subprocess
+    import sys
+
+    from memit_fast import cli
+    from memit_fast.artifacts import load_edits
+
+    m = tiny.model("gpt2", dtype=torch.float32)
+    m.save_pretrained(tmp_path / "model")
+    tiny.tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "hp.json").write_text(json.dumps(tiny.hparams(m, mom2_n_samples=N_LINES).to_dict()))
+    (tmp_path / "corpus.txt").write_text("\n".join(tiny.corpus_lines(N_LINES)))
+    (tmp_path / "reqs.json").write_text(json.dumps(_requests()))
+    common = ["--model", str(tmp_path / "model"), "--hparams", str(tmp_path / "hp.json"), "--corpus", str(tmp_path / "corpus.txt"),
+              "--device", "cpu", "--requests", str(tmp_path / "reqs.json"), "--quiet"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEMIT_FAST_DIST_TIMEOUT="60", PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "memit_fast", "edit", *common,
+                          "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache2")],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("edited 5 facts") == 1  # rank 0 only
+    assert cli.main(["edit", *common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    one, two = ({e.name: e.delta() for e in load_edits(tmp_path / d).layers} for d in ("one", "two"))
+    assert one.keys() == two.keys() and len(one) == 2
+    for name, d in one.items():
+        assert (two[name] - d).norm() / d.norm() < 1e-4, name
