@@ -77,6 +77,7 @@ def apply(
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
     layout = layout_for(model, hparams)
+    distributed.check_split(layout)
     timer = cfg.timer or NO_TIMER
     ranks = f", {distributed.world()} ranks" if distributed.active() else ""
     log.info("editing %d requests into layers %s (%s mode%s)", len(reqs), hparams.layers, cfg.mode, ranks)

@@ -101,6 +101,8 @@ def add_common(p: argparse.ArgumentParser, *, outputs: bool = False) -> None:
     a("--cache-dir", metavar="DIR", help="statistics cache (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
+    a("--split-gpus", type=positive_int, metavar="N", help="split the model's layers over the first N GPUs of this process, "
+      "in order (a model larger than one GPU; --model only)")
     a("--seed", type=int, default=0, help="seed of the context templates, of a corpus sampled from the model and of sampled texts (default: 0)")
     a("--quiet", action="store_true", help="no progress bars and no progress messages (transformers' too)")
     a("--debug", action="store_true", help="show the traceback of an error")
@@ -119,6 +121,7 @@ class ModelSpec:
     hparams: object  # a MEMITHyperParams read from --hparams, or None for the model's preset
     n_samples: int | None
     quiet: bool
+    split_gpus: int | None = None
 
     def load(self):
         """(model in eval mode on the device, tokenizer, hyper-parameters)."""
@@ -141,13 +144,20 @@ class ModelSpec:
             path, kw = self.model, {}
             if self.gguf:
                 path, kw = os.path.dirname(os.path.abspath(self.gguf)), {"gguf_file": os.path.basename(self.gguf)}
-            log.info("loading %s on %s", self.gguf or self.model, self.device)
+            where = f"{self.split_gpus} GPUs" if self.split_gpus else self.device
+            log.info("loading %s on %s", self.gguf or self.model, where)
             try:
                 tok = AutoTokenizer.from_pretrained(path, **kw)
+                if self.split_gpus:
+                    from transformers import AutoConfig
+
+                    from .distributed import balanced_device_map
+
+                    kw["device_map"] = balanced_device_map(AutoConfig.from_pretrained(path), self.split_gpus)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or ("auto" if not self.gguf else torch.float32), **kw)
             except (OSError, ValueError, ImportError) as e:
                 raise UsageError(f"cannot load the model from {self.gguf or self.model}: {e}") from e
-            model = model.to(self.device).eval()
+            model = (model if self.split_gpus else model.to(self.device)).eval()
         from .presets import for_model
 
         hp = self.hparams or for_model(model)
@@ -186,10 +196,17 @@ def model_spec(args) -> ModelSpec:
     from .distributed import local_device
 
     device = local_device(device)  # under torchrun: "cuda" is this rank's GPU
+    if args.split_gpus:
+        if not args.model:
+            raise UsageError("--split-gpus needs --model (a Hugging Face model directory)")
+        if torch.cuda.device_count() < args.split_gpus:
+            raise UsageError(f"--split-gpus {args.split_gpus}: {torch.cuda.device_count()} CUDA device(s) are available")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--split-gpus runs in one process, not under torchrun")
     check_corpus(args.corpus)
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UsageError(f"--cache-dir {args.cache_dir} exists and is not a directory")
-    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet)
+    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet, args.split_gpus)
 
 
 def check_corpus(spec: str | None) -> None:

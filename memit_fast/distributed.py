@@ -321,6 +321,12 @@ def _depth(model) -> int:
     return num_layers(model.config)
 
 
+def device_guard(device: torch.device):
+    """Make `device` the current CUDA device inside the block (kernels and libraries that launch
+    on the current device: a layer of a model split over GPUs); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def check_split(layout) -> None:
     """A model split over several devices must keep its embeddings, final norm and head on one
     device (where `apply` keeps its own tensors); raises ConfigError otherwise."""

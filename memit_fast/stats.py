@@ -51,7 +51,8 @@ def _accumulate(layout, tok, module_names: dict[int, str], texts, max_length: in
         mask = state["mask"]
         if mask.device != keys.device:
             mask = state.setdefault(keys.device, mask.to(keys.device))
-        accs[module_names[layer]].add(keys, mask=mask)
+        with distributed.device_guard(keys.device):
+            accs[module_names[layer]].add(keys, mask=mask)
 
     with torch.no_grad(), tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
         for rows in _token_batches(tok, texts, max_length, batch_tokens):

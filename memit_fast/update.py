@@ -71,15 +71,15 @@ def apply_update(
         with timer("keys and values"):
             keys, cur = distributed.agreed(f"the keys of layer {w.layer}", _read, reader, w, model)
             keys, cur = distributed.gather_rows(keys, parts), distributed.gather_rows(cur, parts)
-        with timer("solve"):
-            dev = w.param.device
+        dev = w.param.device
+        with timer("solve"), distributed.device_guard(dev):
             residual = ((z - cur) / (len(weights) - i)).to(dev)
             delta = distributed.on_owner(
                 f"the solve of layer {w.layer}", i,
                 lambda: layer_delta(covs[w.layer], keys.to(dev), residual, hparams.mom2_update_weight, solve_method),
                 (w.d_model, w.d_ff), torch.float64, dev,
             )  # fmt: skip
-        with timer("weight update"):
+        with timer("weight update"), distributed.device_guard(dev):
             distributed.agreed(f"the weight update of layer {w.layer}", write_layer, w, delta)
         deltas[w.name] = delta
     distributed.check_same("the edited weights", [w.param for w in weights])

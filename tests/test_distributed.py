@@ -212,3 +212,50 @@ def test_torchrun_edit_equals_one_process(tmp_path):
     assert one.keys() == two.keys() and len(one) == 2
     for name, d in one.items():
         assert (two[name] - d).norm() / d.norm() < 1e-4, name
+
+
+def test_balanced_device_map_keeps_order_and_the_ends_on_the_first_gpu():
+    for arch in tiny.ARCHS:
+        m = tiny.model(arch)
+        hp = tiny.hparams(m)
+        dm = distributed.balanced_device_map(m, [3, 5], hparams=hp)
+        blocks = [dm[hp.layer_module_tmp.format(i)] for i in range(6)]
+        assert blocks == sorted(blocks) and set(blocks) == {3, 5}
+        assert {dm[k] for k in dm if not k.startswith(hp.layer_module_tmp.split("{}")[0])} == {3}
+        names = {n for n, _ in m.named_parameters()}
+        assert all(any(n == k or n.startswith(k + ".") for k in dm) for n in names)  # every parameter placed
+
+
+def test_a_split_with_the_head_elsewhere_is_refused():
+    from memit_fast.errors import ConfigError
+    from memit_fast.layouts import layout_for
+
+    m = tiny.model("gpt2")
+    layout = layout_for(m, tiny.hparams(m))
+    distributed.check_split(layout)
+    m.lm_head.to("meta")
+    with pytest.raises(ConfigError, match="share one device"):
+        distributed.check_split(layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_a_model_split_over_two_gpus_edits_as_on_one(arch):
+    """Blocks over cuda:0 and cuda:1 (the critical layers on cuda:1): statistics on each layer's
+    GPU, and statistics and deltas equal to the same model on cuda:0."""
+    from accelerate import dispatch_model
+
+    one, split = tiny.model(arch).to("cuda:0"), tiny.model(arch)
+    hp = tiny.hparams(one)
+    split = dispatch_model(split, distributed.balanced_device_map(split, 2, hparams=hp))
+    assert {p.device.index for p in split.parameters()} == {0, 1}
+    stats_one, stats_split = tiny.stats(one, hp), tiny.stats(split, hp)
+    for layer in hp.layers:
+        assert stats_split[layer].mom2.device == split.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device
+        assert stats_split[layer].count == stats_one[layer].count
+        torch.testing.assert_close(stats_split[layer].mom2.cpu(), stats_one[layer].mom2.cpu(), rtol=1e-6, atol=1e-12)
+    d_one, d_split = _edit(one, hp, stats_one), _edit(split, hp, stats_one)
+    assert d_one.keys() == d_split.keys() and len(d_one) == 2
+    for name, d in d_one.items():
+        assert (d_split[name].to(d.device) - d).norm() / d.norm() < 1e-8, name
