@@ -259,3 +259,37 @@ def test_a_model_split_over_two_gpus_edits_as_on_one(arch):
     assert d_one.keys() == d_split.keys() and len(d_one) == 2
     for name, d in d_one.items():
         assert (d_split[name].to(d.device) - d).norm() / d.norm() < 1e-8, name
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_every_block_goes_through_its_device_move(arch, monkeypatch):
+    """A model split over GPUs needs each block's input on the block's device: every way through
+    a block (run, the statistics pass, the key pass, z's prefix and suffix) calls on_block_device."""
+    from memit_fast.layouts import Layout, layout_for
+
+    m = tiny.model(arch)
+    hp = tiny.hparams(m)
+    layout = layout_for(m, hp)
+    seen = []
+    real = Layout.on_block_device
+
+    def spy(self, i, h, ctx):
+        seen.append(i)
+        return real(self, i, h, ctx)
+
+    monkeypatch.setattr(Layout, "on_block_device", spy)
+    ids = torch.randint(1, 500, (2, 7))
+    h, ctx = layout.start(ids)
+    layout.run(h, 0, 6, ctx)
+    assert seen == list(range(6))
+    seen.clear()
+    layout.mlp_keys(ids, torch.ones_like(ids), [2, 3], lambda i, k: None)
+    assert seen == [0, 1, 2, 3]
+    seen.clear()
+    layout.key_and_output(ids, torch.ones_like(ids), 2, 4)
+    assert seen == list(range(5))
+    seen.clear()
+    runner = layout.suffix_runner(ids[:, :3], torch.ones_like(ids[:, :3]), ids[:, 3:], torch.ones_like(ids[:, 3:]),
+                                  torch.arange(3, 7).expand(2, -1), 3, 5)  # fmt: skip
+    runner.forward(runner.hidden)
+    assert seen == list(range(6)) + list(range(4)) + [4, 5]
