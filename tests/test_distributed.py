@@ -85,15 +85,39 @@ def _worker(rank: int, rdzv: str, out: str, given: dict) -> None:
         found["solve_calls"] = len(calls)
         found["solve_untouched"] = all(torch.equal(p, before[n]) for n, p in m.named_parameters())
         found["after_failures"] = _edit(m, hp, given["gptj"])  # the group still works
+        # the command line as torchrun starts it (the group exists already: main joins it)
+        import contextlib
+        import io
+
+        from memit_fast import cli
+
+        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            found["cli_rc"] = cli.main(["edit", *_cli_args(out), "--out", os.path.join(out, "cli_two"), "--cache-dir", os.path.join(out, "cli_cache2")])
+        found["cli_stdout"] = printed.getvalue()
     finally:
         torch.save(found, os.path.join(out, f"{rank}.pt"))
         torch.distributed.destroy_process_group()
 
 
+def _cli_args(d) -> list[str]:
+    return ["--model", os.path.join(d, "model"), "--hparams", os.path.join(d, "hp.json"), "--corpus", os.path.join(d, "corpus.txt"),
+            "--device", "cpu", "--requests", os.path.join(d, "reqs.json"), "--quiet"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the two ranks found, and the statistics given to their edits."""
+    import json
+
     tmp = tmp_path_factory.mktemp("dist")
+    m = tiny.model("gpt2", dtype=torch.float32)
+    m.save_pretrained(tmp / "model")
+    tiny.tokenizer().save_pretrained(tmp / "model")
+    (tmp / "hp.json").write_text(json.dumps(tiny.hparams(m, mom2_n_samples=N_LINES).to_dict()))
+    (tmp / "corpus.txt").write_text("\n".join(tiny.corpus_lines(N_LINES)))
+    (tmp / "reqs.json").write_text(json.dumps(_requests()))
     given = {}
     for arch in tiny.ARCHS:
         m = tiny.model(arch)
@@ -183,32 +207,18 @@ def test_checksum_sees_one_bit():
     assert distributed.checksum([a, a]) != distributed.checksum([a])
 
 
-def test_torchrun_edit_equals_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m memit_fast edit` (gloo on the CPU): rank 0 writes the edit,
-    equal to one process's up to the float32 rounding of the statistics' partial sums."""
-    import json
-    import subprocess
-    import sys
-
+def test_the_command_line_on_two_ranks_equals_one_process(ranks):
+    """`memit-fast edit` on each rank of the group (as `torchrun --nproc-per-node 2 -m memit_fast
+    edit` runs it): rank 0 alone prints and writes the edit, equal to one process's up to the
+    float32 rounding of the statistics' partial sums."""
     from memit_fast import cli
     from memit_fast.artifacts import load_edits
 
-    m = tiny.model("gpt2", dtype=torch.float32)
-    m.save_pretrained(tmp_path / "model")
-    tiny.tokenizer().save_pretrained(tmp_path / "model")
-    (tmp_path / "hp.json").write_text(json.dumps(tiny.hparams(m, mom2_n_samples=N_LINES).to_dict()))
-    (tmp_path / "corpus.txt").write_text("\n".join(tiny.corpus_lines(N_LINES)))
-    (tmp_path / "reqs.json").write_text(json.dumps(_requests()))
-    common = ["--model", str(tmp_path / "model"), "--hparams", str(tmp_path / "hp.json"), "--corpus", str(tmp_path / "corpus.txt"),
-              "--device", "cpu", "--requests", str(tmp_path / "reqs.json"), "--quiet"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEMIT_FAST_DIST_TIMEOUT="60", PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "memit_fast", "edit", *common,
-                          "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache2")],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("edited 5 facts") == 1  # rank 0 only
-    assert cli.main(["edit", *common, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
-    one, two = ({e.name: e.delta() for e in load_edits(tmp_path / d).layers} for d in ("one", "two"))
+    found, _, tmp = ranks
+    assert [f["cli_rc"] for f in found] == [0, 0]
+    assert found[0]["cli_stdout"].count("edited 5 facts") == 1 and found[1]["cli_stdout"] == ""
+    assert cli.main(["edit", *_cli_args(str(tmp)), "--out", str(tmp / "cli_one"), "--cache-dir", str(tmp / "cli_cache1")]) == 0
+    one, two = ({e.name: e.delta() for e in load_edits(tmp / d).layers} for d in ("cli_one", "cli_two"))
     assert one.keys() == two.keys() and len(one) == 2
     for name, d in one.items():
         assert (two[name] - d).norm() / d.norm() < 1e-4, name
