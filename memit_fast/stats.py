@@ -147,8 +147,11 @@ def compute_stats(
         return out
 
     layout = layout_for(model, hparams, generic=one_pass_per_layer) if layout is None or one_pass_per_layer else layout
-    if local is None:  # sampled or downloaded: every rank takes rank 0's texts
-        texts = distributed.broadcast_object(load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress).texts)
+    if local is None:  # sampled or downloaded by rank 0 (one process: by it), then sent to every rank
+        def fetch():
+            return load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress).texts if distributed.rank() == 0 else None
+
+        texts = distributed.broadcast_object(distributed.agreed("the statistics corpus", fetch))
     else:
         texts = local.texts
     mine, _ = distributed.my_share([len(t) for t in texts])  # several ranks: each its share of the documents
