@@ -12,6 +12,7 @@ Shapes: B rows, S tokens, P prefix tokens, d = d_model, H heads, h_d head size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -51,16 +52,20 @@ class Context:
         if self.positions.device == device:
             return self
         if device not in self.copies:
-            to = functools.partial(_to_device, device=device)
-            self.copies[device] = Context(to(self.positions), to(self.mask), to(self.rope), {w: to(m) for w, m in self.windowed.items()})
+            moved = {f.name: _to_device(getattr(self, f.name), device) for f in dataclasses.fields(self) if f.name != "copies"}
+            self.copies[device] = Context(**moved)
         return self.copies[device]
 
 
 def _to_device(x, device):
-    """A tensor, None, or a tuple of them, on `device`."""
-    if isinstance(x, tuple):
-        return tuple(_to_device(t, device) for t in x)
-    return None if x is None else x.to(device)
+    """Tensors, alone or in tuples, lists and dicts, on `device`; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(t, device) for t in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
 
 
 @dataclass
