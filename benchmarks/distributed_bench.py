@@ -96,14 +96,31 @@ def cmd_dp(args) -> int:
             torch.distributed.broadcast(p.data, 0)
     hp = memit_fast.presets.for_model(model)
     ctx = results_store.context(f"distributed_bench dp {args.model} {n}", " ".join(["torchrun --nproc-per-node", str(n), "-m benchmarks.distributed_bench", *sys.argv[1:]]))
-    records, rows = [], {}
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+
+    def emit(phase: str, info: dict) -> None:
+        """Every rank's `info` to rank 0, which appends the phase's record (one per phase: a stage
+        cut by its time limit keeps the phases done) and prints them."""
+        per_rank = _gather(info)
+        if rank != 0:
+            return
+        statistics = phase == "statistics"
+        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny}
+        kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
+        rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
+                                 n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
+                                 dtype=dtype, params=params, note=f"{n} rank(s), one GPU each; the slowest rank's wall time")  # fmt: skip
+        if args.records:
+            results_store.append([rec], args.records)
+        print(json.dumps({"gpus": n, phase: per_rank}), flush=True)
+
     if args.stats_tokens:
         docs = synthetic.random_documents(tok, args.stats_tokens, max_length=1024, seed=1)
         stats, info = _phase(lambda: memit_fast.compute_stats(model, tok, hp, corpus=docs, use_cache=False, progress=False))
         info["tokens"] = next(iter(stats.values())).count
-        rows["statistics"] = _gather(info)
         del stats
+        emit("statistics", info)
     if args.edits:
         requests = synthetic.make_requests(synthetic.load_records(fallback_ok=args.tiny), args.edits)
         given = synthetic.synthetic_stats(model, hp)
@@ -114,20 +131,7 @@ def cmd_dp(args) -> int:
         _, info = _phase(lambda: memit_fast.apply(model, tok, requests, hp, stats=given, context_templates=synthetic.TEMPLATES,
                                                   progress=False, return_orig_weights=False, timer=timer))  # fmt: skip
         info["phases"] = {k: round(v["seconds"], 3) for k, v in timer.totals().items()}
-        rows["edits"] = _gather(info)
-    if rank == 0:
-        device_name = results_store.device_name()
-        for phase, per_rank in rows.items():
-            slowest = max(r["seconds"] for r in per_rank)
-            params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny}
-            kind, name = ("stats", f"distributed statistics {label}") if phase == "statistics" else ("profile_run", f"distributed edits {label}")
-            shape = {"tokens": per_rank[0]["tokens"]} if phase == "statistics" else None
-            records.append(results_store.make(kind, name, "seconds", slowest, "s", ctx, model=args.model, n_edits=args.edits if phase == "edits" else None,
-                                              shape=shape, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), params=params,
-                                              note=f"{n} rank(s), one GPU each; the slowest rank's wall time", device=device_name))  # fmt: skip
-        if args.records:
-            results_store.append(records, args.records)
-        print(json.dumps({"gpus": n, **rows}))
+        emit("edits", info)
     distributed.shutdown()
     return 0
 

@@ -5,7 +5,8 @@
 #   2. data parallel, GPT-J shapes (random weights), torchrun with 1 then 2 ranks: the statistics pass over
 #      MEMIT_FAST_DIST_TOKENS tokens (default 2,000,000) and MEMIT_FAST_DIST_EDITS edits (default 2000);
 #   3. one process, NeoX-20B shapes split over the 2 GPUs (random bf16 weights made on the GPUs): a short
-#      statistics pass and 32 edits; with MEMIT_FAST_DIST_70B=1 also Llama-3-70B shapes (2 critical layers, 8 edits).
+#      statistics pass and 32 edits; with MEMIT_FAST_DIST_70B=1 also Llama-3-70B shapes (2 critical layers, 8 edits;
+#      give it MEMIT_FAST_DEVICE_BUDGET=540 or more, else it is skipped for lack of time).
 # Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds (default 420). Files go to $OUT (3):
 # run.log, records.jsonl (merge it with `python benchmarks/results_store.py merge OUT/records.jsonl`),
 # summary.txt (the table: seconds, speed-up, scaling efficiency, time in collectives, peak memory per GPU,
@@ -17,10 +18,10 @@ PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-420}
 TOKENS=${MEMIT_FAST_DIST_TOKENS:-2000000}
 EDITS=${MEMIT_FAST_DIST_EDITS:-2000}
-SPLIT_TOKENS=200000
+SPLIT_TOKENS=200000 SPLIT_EDITS=32
 TINY=()
 if [[ -n "${MEMIT_FAST_DIST_TINY:-}" ]]; then
-  TINY=(--tiny); TOKENS=${MEMIT_FAST_DIST_TOKENS:-20000}; EDITS=${MEMIT_FAST_DIST_EDITS:-12}; SPLIT_TOKENS=20000
+  TINY=(--tiny); TOKENS=${MEMIT_FAST_DIST_TOKENS:-20000}; EDITS=${MEMIT_FAST_DIST_EDITS:-12}; SPLIT_TOKENS=20000 SPLIT_EDITS=8
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 mkdir -p "$OUT"
@@ -49,10 +50,10 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit (SIGINT first, the
 } >>"$LOG" 2>&1
 RUN=("$PY" -m torch.distributed.run --standalone)
 BENCH=(-m benchmarks.distributed_bench)
-[[ -z "${MEMIT_FAST_DIST_TINY:-}" ]] && stage gpu_tests 60 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_distributed.py -k "split or balanced or refused"
-stage dp_1gpu 170 "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
-stage dp_2gpu 120 "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
-stage split_neox20b 80 "$PY" "${BENCH[@]}" split "${TINY[@]}" --model neox-20b --gpus 2 --stats-tokens "$SPLIT_TOKENS" --edits 32 --records "$REC"
+[[ -z "${MEMIT_FAST_DIST_TINY:-}" ]] && stage gpu_tests 50 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_distributed.py -k "split or balanced or refused"
+stage dp_1gpu 185 "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
+stage dp_2gpu 115 "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
+stage split_neox20b 70 "$PY" "${BENCH[@]}" split "${TINY[@]}" --model neox-20b --gpus 2 --stats-tokens "$SPLIT_TOKENS" --edits "$SPLIT_EDITS" --records "$REC"
 if [[ -n "${MEMIT_FAST_DIST_70B:-}" ]]; then
   stage split_llama70b 120 "$PY" "${BENCH[@]}" split "${TINY[@]}" --model llama-3-70b --gpus 2 --layers 2 --stats-tokens 65536 --edits 8 --records "$REC"
 fi
