@@ -66,6 +66,8 @@ def apply(
     On any error the weights are left as they were.
     """
     cfg = EditConfig.make(config, **settings)
+    if cfg.progress and distributed.rank() > 0:  # several ranks: rank 0's progress bars only
+        cfg = cfg.replace(progress=False)
     if cache_template is not None and cfg.mode != "fast":
         raise ConfigError("cache_template is used by the fast mode only")
     reqs = normalize_requests(requests)
