@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .config import EditConfig
 from .corpus import check_corpus_spec
 from .edit_requests import normalize_requests
@@ -65,6 +66,8 @@ def apply(
     On any error the weights are left as they were.
     """
     cfg = EditConfig.make(config, **settings)
+    if cfg.progress and distributed.rank() > 0:  # several ranks: rank 0's progress bars only
+        cfg = cfg.replace(progress=False)
     if cache_template is not None and cfg.mode != "fast":
         raise ConfigError("cache_template is used by the fast mode only")
     reqs = normalize_requests(requests)
@@ -76,11 +79,14 @@ def apply(
         model = copy_module.deepcopy(model)
     weights = rewrite_weights(model, hparams)
     layout = layout_for(model, hparams)
+    distributed.check_split(layout)
     timer = cfg.timer or NO_TIMER
-    log.info("editing %d requests into layers %s (%s mode)", len(reqs), hparams.layers, cfg.mode)
+    ranks = f", {distributed.world()} ranks" if distributed.active() else ""
+    log.info("editing %d requests into layers %s (%s mode%s)", len(reqs), hparams.layers, cfg.mode, ranks)
     with _eval_no_param_grads(model):
         with timer("templates"):
             templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))
+            templates = distributed.broadcast_object(templates)  # several ranks: rank 0's samples
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
             encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
             check_context(reqs, encoded, model.config)
@@ -168,9 +174,9 @@ def _z_files(cache_template, requests, hparams: MEMITHyperParams) -> list[Path]:
 
 def _targets(model, tok, encoded, hparams, cfg: EditConfig, z_files: list[Path] | None, layout) -> torch.Tensor:
     """z (n, d_model): the rows in z_files that hold this request's z are read, the others are
-    computed (targets.compute_targets) and written there."""
+    computed (`_compute_z`) and written there (by rank 0 only)."""
     if z_files is None:
-        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+        return _compute_z(model, tok, encoded, hparams, cfg, layout)
     d, dtype, device = hidden_size(model), float_dtype(model), model_device(model)
     z = torch.empty(len(encoded), d, dtype=dtype, device=device)
     missing = []
@@ -180,12 +186,35 @@ def _targets(model, tok, encoded, hparams, cfg: EditConfig, z_files: list[Path] 
             missing.append(i)
         else:
             z[i] = row.to(device, dtype)
+    missing = distributed.union(missing)  # several ranks: what any rank could not read
     log.info("z: %d of %d read from the cache_template files, %d to compute", len(z_files) - len(missing), len(z_files), len(missing))
     if missing:
-        z[missing] = compute_targets(model, tok, [encoded[i] for i in missing], hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
-        for i in missing:
-            _write_z(z_files[i], z[i], _z_identity(encoded[i], hparams))
+        z[missing] = _compute_z(model, tok, [encoded[i] for i in missing], hparams, cfg, layout)
+        if distributed.rank() == 0:
+            for i in missing:
+                _write_z(z_files[i], z[i], _z_identity(encoded[i], hparams))
     return z
+
+
+def _compute_z(model, tok, encoded, hparams, cfg: EditConfig, layout) -> torch.Tensor:
+    """targets.compute_targets over `encoded`; several ranks: each computes the z of its share of
+    the requests (balanced by their prompt tokens) and the rows are gathered in order."""
+    mine, parts = distributed.my_share([z_tokens(r) for r in encoded])
+    if parts is None:
+        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+
+    def local() -> torch.Tensor:
+        if not mine:
+            return torch.empty(0, hidden_size(model), dtype=float_dtype(model), device=model_device(model))
+        return compute_targets(model, tok, [encoded[i] for i in mine], hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+
+    return distributed.gather_rows(distributed.agreed("z", local), parts)
+
+
+def z_tokens(r) -> int:
+    """The tokens z optimises for one encoded request: its rewriting rows (prompt and target)
+    and its KL row; the cost by which requests are shared between ranks."""
+    return sum(len(p.ids) + len(r.target) - 1 for p in r.prompts) + r.kl.lookup + 1
 
 
 def _z_identity(encoded_request, hparams) -> dict[str, str]:

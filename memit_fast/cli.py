@@ -6,6 +6,9 @@ one loader (`ModelSpec`). Inputs and outputs are checked before any model work. 
 `memit-fast: error: ...` and exits with code 2 (`--debug` adds the traceback); a traceback
 without --debug is a bug. Progress goes to stderr through the logger "memit_fast".
 
+Several processes: `torchrun --nproc-per-node N -m memit_fast edit|stats ...` runs data parallel
+(memit_fast.distributed; one GPU per rank); rank 0 alone prints the results and writes --out.
+
 Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchmarks/README.md).
 """
 
@@ -98,6 +101,8 @@ def add_common(p: argparse.ArgumentParser, *, outputs: bool = False) -> None:
     a("--cache-dir", metavar="DIR", help="statistics cache (default: $MEMIT_FAST_CACHE or ~/.cache/memit_fast)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--dtype", choices=DTYPES, help="model dtype (default: as stored)")
+    a("--split-gpus", type=positive_int, metavar="N", help="split the model's layers over the first N GPUs of this process, "
+      "in order (a model larger than one GPU; --model only)")
     a("--seed", type=int, default=0, help="seed of the context templates, of a corpus sampled from the model and of sampled texts (default: 0)")
     a("--quiet", action="store_true", help="no progress bars and no progress messages (transformers' too)")
     a("--debug", action="store_true", help="show the traceback of an error")
@@ -116,6 +121,7 @@ class ModelSpec:
     hparams: object  # a MEMITHyperParams read from --hparams, or None for the model's preset
     n_samples: int | None
     quiet: bool
+    split_gpus: int | None = None
 
     def load(self):
         """(model in eval mode on the device, tokenizer, hyper-parameters)."""
@@ -138,13 +144,20 @@ class ModelSpec:
             path, kw = self.model, {}
             if self.gguf:
                 path, kw = os.path.dirname(os.path.abspath(self.gguf)), {"gguf_file": os.path.basename(self.gguf)}
-            log.info("loading %s on %s", self.gguf or self.model, self.device)
+            where = f"{self.split_gpus} GPUs" if self.split_gpus else self.device
+            log.info("loading %s on %s", self.gguf or self.model, where)
             try:
                 tok = AutoTokenizer.from_pretrained(path, **kw)
+                if self.split_gpus:
+                    from transformers import AutoConfig
+
+                    from .distributed import balanced_device_map
+
+                    kw["device_map"] = balanced_device_map(AutoConfig.from_pretrained(path), self.split_gpus)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or ("auto" if not self.gguf else torch.float32), **kw)
             except (OSError, ValueError, ImportError) as e:
                 raise UsageError(f"cannot load the model from {self.gguf or self.model}: {e}") from e
-            model = model.to(self.device).eval()
+            model = (model if self.split_gpus else model.to(self.device)).eval()
         from .presets import for_model
 
         hp = self.hparams or for_model(model)
@@ -180,10 +193,20 @@ def model_spec(args) -> ModelSpec:
         raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1 ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")
+    from .distributed import local_device
+
+    device = local_device(device)  # under torchrun: "cuda" is this rank's GPU
+    if args.split_gpus:
+        if not args.model:
+            raise UsageError("--split-gpus needs --model (a Hugging Face model directory)")
+        if torch.cuda.device_count() < args.split_gpus:
+            raise UsageError(f"--split-gpus {args.split_gpus}: {torch.cuda.device_count()} CUDA device(s) are available")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--split-gpus runs in one process, not under torchrun")
     check_corpus(args.corpus)
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UsageError(f"--cache-dir {args.cache_dir} exists and is not a directory")
-    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet)
+    return ModelSpec(args.model, args.model_gguf, str(device), args.dtype, hparams, args.n_samples, args.quiet, args.split_gpus)
 
 
 def check_corpus(spec: str | None) -> None:
@@ -331,6 +354,8 @@ def cmd_stats(args) -> int:
     start = time.perf_counter()
     stats = compute_stats(model, tok, hp, args.layers, corpus=args.corpus, max_length=args.max_length, cache_dir=cache,
                           seed=args.seed, progress=not args.quiet)  # fmt: skip
+    if _rank() != 0:
+        return 0
     print(f"statistics for layers {sorted(stats)} in {time.perf_counter() - start:.1f} s, cache: {cache}")
     for layer, s in stats.items():
         print(f"layer {layer}: {s.count} tokens, C {tuple(s.mom2.shape)} {s.mom2.dtype}, trace {float(s.mom2.diagonal().sum()):.4g}")
@@ -340,6 +365,12 @@ def cmd_stats(args) -> int:
         for layer, path in sorted(export_npz(args.export, model, stats, hp).items()):
             print(f"layer {layer}: exported to {path}")
     return 0
+
+
+def _rank() -> int:
+    from .distributed import rank
+
+    return rank()
 
 
 def _default_cache() -> Path:
@@ -360,6 +391,8 @@ def cmd_edit(args) -> int:
     model, tok, hp = model_spec(args).load()
     start = time.perf_counter()
     _, orig = apply(model, tok, requests, hp, return_orig_weights=True, mode=args.mode, **_settings(args))
+    if _rank() != 0:
+        return 0
     print(f"edited {len(requests)} facts into layers {hp.layers} in {time.perf_counter() - start:.1f} s")
     with output_dir(args.out) as tmp:
         save_edit(tmp, args.save, model, tok, orig, hp, requests)
@@ -490,14 +523,34 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
+    rank = int(os.environ.get("RANK", "0"))
+    if launched and args.command not in ("edit", "stats"):
+        return _error(UsageError(f"{args.command} runs in one process; under torchrun only edit and stats run (data parallel)"), args.debug)
+    if launched and rank > 0:
+        args.quiet = True  # the progress of rank 0 is enough
     _setup_logging(getattr(args, "quiet", False))
+    created = False
     try:
+        if launched:
+            from . import distributed
+            from .config import env_setting
+
+            created = distributed.init_from_env(env_setting("MEMIT_FAST_DIST_TIMEOUT"))
         return args.func(args)
     except (UsageError, MemitError, OSError) as e:
-        return _error(e, args.debug)
+        return _error(e if not launched else _ranked(e, rank), args.debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _ranked(e: BaseException, rank: int) -> BaseException:
+    """The error with this process's rank in front (torchrun interleaves the ranks' lines)."""
+    return type(e)(f"[rank {rank}] {' '.join(str(e).split())}") if isinstance(e, (UsageError, MemitError)) else e
 
 
 if __name__ == "__main__":

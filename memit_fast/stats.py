@@ -9,7 +9,9 @@ Results are cached (`memit_fast.cache`) as safetensors, one file per layer, keye
 fingerprint, the layer's module, the corpus id, the sample count, the sequence-length cap and
 the dtype; the key and a checksum are stored inside the file and checked on load, and files are
 written atomically.
-Statistics are sums: shards computed on several GPUs add up (sum and count) before the mean.
+Statistics are sums: with several ranks (memit_fast.distributed) each accumulates its share of
+the documents and the float64 sums and counts are all-reduced before the mean; rank 0 alone
+writes the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cache import LayerStats, StatsKey, check_stats, default_cache_dir, load_stats, model_fingerprint, save_stats
 from .corpus import is_local, load_corpus, remote_corpus_id
 from .hparams import MEMITHyperParams
@@ -40,15 +43,21 @@ def _accumulate(layout, tok, module_names: dict[int, str], texts, max_length: in
     GPU (`_token_batches`)."""
     device, dtype = layout.device, layout.dtype
     layers = sorted(module_names)
-    accs = {module_names[i]: CovarianceAccumulator(in_features(layout.w_out(i)), device, dtype) for i in layers}
+    # each layer's sums live on its W_out's device (a model split over GPUs: that layer's GPU)
+    accs = {module_names[i]: CovarianceAccumulator(in_features(layout.w_out(i)), layout.w_out(i).weight.device, dtype) for i in layers}
     state = {}
 
     def consume(layer, keys):
-        accs[module_names[layer]].add(keys, mask=state["mask"])
+        mask = state["mask"]
+        if mask.device != keys.device:
+            mask = state.setdefault(keys.device, mask.to(keys.device))
+        with distributed.device_guard(keys.device):
+            accs[module_names[layer]].add(keys, mask=mask)
 
     with torch.no_grad(), tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
         for rows in _token_batches(tok, texts, max_length, batch_tokens):
             ids, mask = pad_right(rows, pad_id(tok), device)
+            state.clear()
             state["mask"] = mask.bool()
             layout.mlp_keys(ids, mask, layers, consume)
             bar.update(sum(map(len, rows)))
@@ -133,23 +142,33 @@ def compute_stats(
             if key.path(cache_dir).exists():
                 out[layer] = load_stats(key.path(cache_dir), key)
                 log.info("statistics of layer %d loaded from %s", layer, key.path(cache_dir))
-    todo = [layer for layer in layers if layer not in out]
+    todo = distributed.union([layer for layer in layers if layer not in out])  # several ranks: what any rank lacks
     if not todo:
         return out
 
     layout = layout_for(model, hparams, generic=one_pass_per_layer) if layout is None or one_pass_per_layer else layout
-    texts = (local or load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress)).texts
+    if local is None:  # sampled or downloaded by rank 0 (one process: by it), then sent to every rank
+        def fetch():
+            return load_corpus(corpus, n_samples, model=model, tok=tok, max_length=max_length, seed=seed, progress=progress).texts if distributed.rank() == 0 else None
+
+        texts = distributed.broadcast_object(distributed.agreed("the statistics corpus", fetch))
+    else:
+        texts = local.texts
+    mine, _ = distributed.my_share([len(t) for t in texts])  # several ranks: each its share of the documents
+    texts = [texts[i] for i in mine] if len(mine) < len(texts) else texts
     groups = [[layer] for layer in todo] if one_pass_per_layer else [todo]
     for group in groups:
         names = {layer: keys[layer].module for layer in group}
         desc = f"statistics, layer{'s' if len(group) > 1 else ''} {','.join(map(str, group))}"
-        accs = _accumulate(layout, tok, names, texts, max_length, batch_tokens, progress, desc)
+        accs = distributed.agreed("statistics", _accumulate, layout, tok, names, texts, max_length, batch_tokens, progress, desc)
+        for name in names.values():
+            distributed.all_reduce_sum_(*accs[name].state())  # float64 sums and counts of every rank's documents
         for layer, name in names.items():
             stats = LayerStats(accs[name].mean().to(dtype), accs[name].count)
             check_stats(stats.mom2, stats.count, f"layer {layer}")
             out[layer] = stats
             log.info("statistics of layer %d computed over %d tokens of corpus %s", layer, stats.count, corpus_id)
-            if use_cache and save_stats(keys[layer].path(cache_dir), keys[layer], stats):
+            if use_cache and distributed.rank() == 0 and save_stats(keys[layer].path(cache_dir), keys[layer], stats):
                 log.info("statistics of layer %d written to %s", layer, keys[layer].path(cache_dir))
     return {layer: out[layer] for layer in layers}
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cache import all_finite
 from .errors import SolveError
 from .hparams import MEMITHyperParams
 from .keys import KeyReader, key_rows
-from .model_access import RewriteWeight
+from .model_access import RewriteWeight, float_dtype, hidden_size
 from .profiling import NO_TIMER
 from .solve import solve_delta_weights
 
@@ -57,15 +58,37 @@ def apply_update(
     timer=NO_TIMER,
 ) -> dict[str, torch.Tensor]:
     """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
-    requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout."""
-    reader = KeyReader(model, layout, tok, key_rows(requests), len(requests), hparams.layers[-1], templates, batch_tokens=batch_tokens)
+    requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout.
+    Several ranks (memit_fast.distributed): each reads the keys of its share of the requests and
+    the rows are gathered; layer i is solved on rank i mod N and its delta broadcast; the edited
+    weights are checked bit-identical on every rank at the end. Each layer is solved on its
+    W_out's device (a model split over GPUs: that layer's GPU)."""
+    mine, parts = distributed.my_share([sum(len(row) for row in key_rows([r])) for r in requests])
+    local = [requests[i] for i in mine]
+    reader = KeyReader(model, layout, tok, key_rows(local), len(local), hparams.layers[-1], templates, batch_tokens=batch_tokens) if local else None
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
         with timer("keys and values"):
-            keys, cur = reader.read(w.layer)
-        with timer("solve"):
-            delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hparams.mom2_update_weight, solve_method)
-        with timer("weight update"):
-            write_layer(w, delta)
+            keys, cur = distributed.agreed(f"the keys of layer {w.layer}", _read, reader, w, model)
+            keys, cur = distributed.gather_rows(keys, parts), distributed.gather_rows(cur, parts)
+        dev = w.param.device
+        with timer("solve"), distributed.device_guard(dev):
+            residual = ((z - cur) / (len(weights) - i)).to(dev)
+            delta = distributed.on_owner(
+                f"the solve of layer {w.layer}", i,
+                lambda: layer_delta(covs[w.layer], keys.to(dev), residual, hparams.mom2_update_weight, solve_method),
+                (w.d_model, w.d_ff), torch.float64, dev,
+            )  # fmt: skip
+        with timer("weight update"), distributed.device_guard(dev):
+            distributed.agreed(f"the weight update of layer {w.layer}", write_layer, w, delta)
         deltas[w.name] = delta
+    distributed.check_same("the edited weights", [w.param for w in weights])
     return deltas
+
+
+def _read(reader: KeyReader | None, w: RewriteWeight, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, cur) of this rank's requests at w's layer; empty rows when it has none."""
+    if reader is None:
+        dtype, device = float_dtype(model), next(model.parameters()).device
+        return torch.empty(0, w.d_ff, dtype=dtype, device=device), torch.empty(0, hidden_size(model), dtype=dtype, device=device)
+    return reader.read(w.layer)

@@ -12,6 +12,7 @@ Shapes: B rows, S tokens, P prefix tokens, d = d_model, H heads, h_d head size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -70,6 +71,27 @@ class Context:
     mask: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
     windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+    copies: dict = field(default_factory=dict, repr=False)  # device -> this context there (a model split over GPUs)
+
+    def on(self, device: torch.device) -> "Context":
+        """This context with its tensors on `device` (made once per device, for a model split over GPUs)."""
+        if self.positions.device == device:
+            return self
+        if device not in self.copies:
+            moved = {f.name: _to_device(getattr(self, f.name), device) for f in dataclasses.fields(self) if f.name != "copies"}
+            self.copies[device] = Context(**moved)
+        return self.copies[device]
+
+
+def _to_device(x, device):
+    """Tensors, alone or in tuples, lists and dicts, on `device`; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(t, device) for t in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
 
 
 @dataclass
@@ -86,7 +108,7 @@ class PrefixCache:
         return self.mask.sum(1)
 
     def select(self, rows: torch.Tensor) -> "PrefixCache":
-        return PrefixCache({i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}, self.mask[rows])
+        return PrefixCache({i: (k[rows.to(k.device)], v[rows.to(v.device)]) for i, (k, v) in self.kv.items()}, self.mask[rows])
 
     def keep_layers(self, layers) -> "PrefixCache":
         keep = set(layers)
@@ -203,7 +225,9 @@ class Layout(HeadAccess):
         return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
 
     def block(self, i: int, h: torch.Tensor, ctx: Context, past=None, *, want_kv: bool = False, want_key: bool = False):
-        """Block i on h (B, S, d). Returns h, or a tuple (h, kv) / (h, key) / (h, kv, key) as asked."""
+        """Block i on h (B, S, d). Returns h, or a tuple (h, kv) / (h, key) / (h, kv, key) as asked.
+        A model split over GPUs: h and ctx move to block i's device, and the results stay there."""
+        h, ctx = self.on_block_device(i, h, ctx)
         a, kv = self.attention(i, self.norm_attn(i, h), ctx, past)
         if self.parallel:
             key = self.mlp_key(i, self.norm_mlp(i, h))
@@ -220,16 +244,24 @@ class Layout(HeadAccess):
 
     def key_only(self, i: int, h: torch.Tensor, ctx: Context, past=None) -> torch.Tensor:
         """Block i's key (B, S, d_ff), without W_out (a pass that ends at this key)."""
+        h, ctx = self.on_block_device(i, h, ctx)
         if self.parallel:
             return self.mlp_key(i, self.norm_mlp(i, h))
         a, _ = self.attention(i, self.norm_attn(i, h), ctx, past)
         return self.mlp_key(i, self.norm_mlp(i, h + a))
 
     def run(self, h: torch.Tensor, start: int, stop: int, ctx: Context, cache: PrefixCache | None = None) -> torch.Tensor:
-        """Blocks start..stop-1 on h; returns block stop-1's output."""
+        """Blocks start..stop-1 on h; returns block stop-1's output (on h's device)."""
+        device = h.device
         for i in range(start, stop):
             h = self.block(i, h, ctx, None if cache is None else cache.kv[i])
-        return h
+        return h.to(device)
+
+    def on_block_device(self, i: int, h: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, Context]:
+        """(h, ctx) on block i's device (that of its W_out): a model split over GPUs
+        (memit_fast.distributed.balanced_device_map); unchanged on one device."""
+        device = self.w_out(i).weight.device
+        return (h, ctx) if h.device == device else (h.to(device), ctx.on(device))
 
     # ---- what the stages use ----
     def start(self, ids: torch.Tensor, positions: torch.Tensor | None = None, prefix: PrefixCache | None = None) -> tuple[torch.Tensor, Context]:
@@ -279,7 +311,7 @@ class Layout(HeadAccess):
                 h, key = self.block(i, h, ctx, want_key=True)
             else:
                 h = self.block(i, h, ctx)
-        return key, h
+        return key.to(ids.device), h.to(ids.device)
 
     def suffix_runner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer: int, stop: int) -> "SuffixRunner":
         return SuffixRunner(self, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer, stop)

@@ -74,6 +74,7 @@ class GPTJLayout(Layout):
         return self.blocks[i].mlp.fc_out
 
     def block(self, i, h, ctx, past=None, *, want_kv=False, want_key=False):
+        h, ctx = self.on_block_device(i, h, ctx)  # a model split over GPUs
         # one LayerNorm for both branches: compute it once
         x = self.norm_attn(i, h)
         a, kv = self.attention(i, x, ctx, past)

@@ -1,0 +1,275 @@
+"""Several GPUs (memit_fast.distributed): 1 vs N GPUs, and a model split over the GPUs of one process.
+
+    torchrun --nproc-per-node N -m benchmarks.distributed_bench dp --records OUT/records.jsonl
+    python -m benchmarks.distributed_bench split --model neox-20b --gpus 2 --records OUT/records.jsonl
+    python -m benchmarks.distributed_bench summary --records OUT/records.jsonl
+
+dp (data parallel, one rank per GPU): GPT-J shapes with random weights (the same on every rank:
+rank 0's are broadcast), then (a) the statistics pass over --stats-tokens tokens of random
+documents (compute_stats, no cache) and (b) --edits edits (apply, fast mode, the given synthetic
+statistics, fixed context templates). Per rank: wall time of each phase, time in collectives
+(waits for slower ranks included), peak GPU memory. Rank 0 appends the records.
+split: one process, the layers of a model (NeoX-20B or Llama-3-70B shapes, random bf16 weights
+made directly on the GPUs, never on the CPU) split in order over --gpus GPUs by
+memit_fast.distributed.balanced_device_map; a short statistics pass and a few edits.
+summary: the table of the records of these runs (1 vs N: speed-up and scaling efficiency).
+--tiny: tiny shapes on the CPU (gloo), to prove the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import results_store, synthetic  # noqa: E402
+
+SPLIT_MODELS = {
+    "neox-20b": ("GPTNeoXConfig", dict(hidden_size=6144, intermediate_size=24576, num_hidden_layers=44, num_attention_heads=64,
+                                       vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)),
+    "llama-3-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                                        rms_norm_eps=1e-5, tie_word_embeddings=False)),
+}
+SPLIT_TINY = {"neox-20b": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4),
+              "llama-3-70b": dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2)}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib(reset: bool = True) -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    value = torch.cuda.max_memory_allocated() / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(value, 2)
+
+
+def _phase(fn):
+    """(fn's result, this rank's {seconds, comm_s, peak_gib}); the ranks start together."""
+    from memit_fast import distributed
+
+    if distributed.active():
+        torch.distributed.barrier()
+    _sync()
+    _peak_gib()
+    distributed.comm_seconds(reset=True)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return out, {"seconds": round(time.perf_counter() - t0, 3), "comm_s": round(distributed.comm_seconds(reset=True), 3), "peak_gib": _peak_gib()}
+
+
+def _gather(obj) -> list:
+    from memit_fast import distributed
+
+    if not distributed.active():
+        return [obj]
+    out = [None] * distributed.world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def cmd_dp(args) -> int:
+    import memit_fast
+    from memit_fast import distributed
+    from memit_fast.profiling import PhaseTimer
+
+    distributed.init_from_env()
+    n, rank = distributed.world(), distributed.rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
+    model, build_s = synthetic.build_model(args.model, tiny=args.tiny, device=device)
+    if distributed.active():  # every rank edits the same weights: rank 0's
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, 0)
+    hp = memit_fast.presets.for_model(model)
+    ctx = results_store.context(f"distributed_bench dp {args.model} {n}", " ".join(["torchrun --nproc-per-node", str(n), "-m benchmarks.distributed_bench", *sys.argv[1:]]))
+    label = f"{args.model}{' (tiny)' if args.tiny else ''}"
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+
+    def emit(phase: str, info: dict) -> None:
+        """Every rank's `info` to rank 0, which appends the phase's record (one per phase: a stage
+        cut by its time limit keeps the phases done) and prints them."""
+        per_rank = _gather(info)
+        if rank != 0:
+            return
+        statistics = phase == "statistics"
+        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny}
+        kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
+        rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
+                                 n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
+                                 dtype=dtype, params=params, note=f"{n} rank(s), one GPU each; the slowest rank's wall time")  # fmt: skip
+        if args.records:
+            results_store.append([rec], args.records)
+        print(json.dumps({"gpus": n, phase: per_rank}), flush=True)
+
+    if args.stats_tokens:
+        docs = synthetic.random_documents(tok, args.stats_tokens, max_length=1024, seed=1)
+        stats, info = _phase(lambda: memit_fast.compute_stats(model, tok, hp, corpus=docs, use_cache=False, progress=False))
+        info["tokens"] = next(iter(stats.values())).count
+        del stats
+        emit("statistics", info)
+    if args.edits:
+        requests = synthetic.make_requests(synthetic.load_records(fallback_ok=args.tiny), args.edits)
+        given = synthetic.synthetic_stats(model, hp)
+        for s in given.values():
+            if distributed.active():
+                torch.distributed.broadcast(s.mom2, 0)
+        timer = PhaseTimer()
+        _, info = _phase(lambda: memit_fast.apply(model, tok, requests, hp, stats=given, context_templates=synthetic.TEMPLATES,
+                                                  progress=False, return_orig_weights=False, timer=timer))  # fmt: skip
+        info["phases"] = {k: round(v["seconds"], 3) for k, v in timer.totals().items()}
+        emit("edits", info)
+    distributed.shutdown()
+    return 0
+
+
+def build_split(name: str, gpus: list, *, tiny: bool = False, seed: int = 0):
+    """(model, device_map, seconds): `name`'s shapes with random bf16 weights (float32 tiny), each
+    parameter made directly on its GPU (accelerate's empty-weights init, then one tensor at a time)."""
+    import transformers
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    from memit_fast.distributed import balanced_device_map
+
+    cls_name, kw = SPLIT_MODELS[name]
+    config = getattr(transformers, cls_name)(**dict(kw, **(SPLIT_TINY[name] if tiny else {})))
+    dtype = torch.float32 if tiny else torch.bfloat16
+    t0 = time.perf_counter()
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on the CPU
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device_map = balanced_device_map(model, gpus)
+    g = torch.Generator().manual_seed(seed)
+    for pname, p in list(model.named_parameters()):
+        dev = next(d for k, d in device_map.items() if pname == k or pname.startswith(k + "."))
+        dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        value = torch.empty(p.shape, dtype=dtype, device=dev)
+        if p.dim() >= 2:
+            value.normal_(0.0, config.initializer_range, generator=torch.Generator(dev).manual_seed(int(torch.randint(1 << 30, (1,), generator=g))))
+        elif pname.endswith("bias"):
+            value.zero_()
+        else:
+            value.fill_(1.0)
+        set_module_tensor_to_device(model, pname, dev, value=value)
+    model = dispatch_model(model.eval(), device_map=device_map)
+    model.requires_grad_(False)
+    _sync()
+    return model, device_map, time.perf_counter() - t0
+
+
+def cmd_split(args) -> int:
+    import memit_fast
+
+    gpus = list(range(args.gpus)) if torch.cuda.is_available() else ["cpu"] * args.gpus
+    tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
+    model, device_map, build_s = build_split(args.model, gpus, tiny=args.tiny)
+    hp = memit_fast.presets.for_model(model)
+    if args.layers:
+        hp = hp.replace(layers=hp.layers[-args.layers:])
+    where = {str(layer): str(model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device) for layer in hp.layers}
+    ctx = results_store.context(f"distributed_bench split {args.model}", " ".join(["python -m benchmarks.distributed_bench", *sys.argv[1:]]))
+    per_gpu = {}
+    docs = synthetic.random_documents(tok, args.stats_tokens, max_length=1024, seed=1)
+    stats, stats_info = _phase(lambda: memit_fast.compute_stats(model, tok, hp, corpus=docs, use_cache=False, progress=False,
+                                                                 batch_tokens=args.batch_tokens))  # fmt: skip
+    stats_info["tokens"] = next(iter(stats.values())).count
+    stats_info["stats_devices"] = {str(k): str(v.mom2.device) for k, v in stats.items()}
+    if torch.cuda.is_available():
+        per_gpu["after_stats"] = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
+    requests = synthetic.make_requests(synthetic.load_records(fallback_ok=args.tiny), args.edits)
+    _, edit_info = _phase(lambda: memit_fast.apply(model, tok, requests, hp, stats=stats, context_templates=synthetic.TEMPLATES,
+                                                   progress=False, return_orig_weights=False))  # fmt: skip
+    if torch.cuda.is_available():
+        per_gpu["memory_gib"] = [round(torch.cuda.memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
+    params = {"gpus": args.gpus, "build_s": round(build_s, 2), "layer_devices": where, "per_gpu": per_gpu, "model_tiny": args.tiny,
+              "blocks_per_gpu": {str(d): sum(1 for k, v in device_map.items() if v == d and k.startswith(hp.layer_module_tmp.split("{}")[0])) for d in set(device_map.values())}}
+    label = f"{args.model}{' (tiny)' if args.tiny else ''}"
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    records = [
+        results_store.make("stats", f"split statistics {label}", "seconds", stats_info["seconds"], "s", ctx, model=args.model, dtype=dtype,
+                           shape={"tokens": stats_info["tokens"]}, params=params | {"phase": stats_info}, note=f"one process, layers over {args.gpus} GPUs"),
+        results_store.make("profile_run", f"split edits {label}", "seconds", edit_info["seconds"], "s", ctx, model=args.model, dtype=dtype,
+                           n_edits=args.edits, params=params | {"phase": edit_info}, note=f"one process, layers over {args.gpus} GPUs"),
+    ]  # fmt: skip
+    if args.records:
+        results_store.append(records, args.records)
+    print(json.dumps({"model": args.model, "statistics": stats_info, "edits": edit_info, **params}))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    """The table of the dp and split records in --records, and scaling records (appended)."""
+    recs = [r for r in results_store.load(args.records) if r.get("run_id", "").startswith("distributed_bench")]
+    if not recs:
+        print("no distributed_bench records")
+        return 1
+    print(f"{'run':44s} {'GPUs':>4s} {'seconds':>8s} {'speed-up':>8s} {'effic.':>6s} {'comm s':>7s} {'peak GiB per GPU':>18s}  phases of rank 0 (s)")
+    base = {(r["name"], r.get("n_edits")): r["value"] for r in recs if r["name"].startswith("distributed") and r.get("params", {}).get("gpus") == 1}
+    extra = []
+    recs.sort(key=lambda r: (r["name"].startswith("split"), r["name"], r.get("params", {}).get("gpus", 1)))
+    for r in recs:
+        p = r.get("params", {})
+        n = p.get("gpus", 1)
+        ranks = p.get("per_rank") or [p.get("phase", {})]
+        comm = max(x.get("comm_s", 0) for x in ranks)
+        peaks = ",".join(str(x.get("peak_gib", "")) for x in ranks) if "per_rank" in p else ",".join(map(str, p.get("per_gpu", {}).get("memory_gib", [])))
+        key = (r["name"], r.get("n_edits"))
+        speed = eff = ""
+        if r["name"].startswith("distributed") and n > 1 and key in base:
+            s = base[key] / r["value"]
+            speed, eff = f"{s:.2f}x", f"{s / n:.0%}"
+            extra.append(results_store.make(r["kind"], r["name"], "scaling_efficiency", round(s / n, 4), "fraction",
+                                            {k: r[k] for k in ("device", "date", "commit", "command", "versions", "run_id")},
+                                            model=r.get("model"), n_edits=r.get("n_edits"), params={"gpus": n, "speedup": round(s, 4)}))
+        phases = ranks[0].get("phases", {})
+        text = " ".join(f"{k}={v:.1f}" for k, v in phases.items())
+        print(f"{r['name'][:44]:44s} {n:4d} {r['value']:8.2f} {speed:>8s} {eff:>6s} {comm:7.2f} {peaks:>18s}  {text}")
+        if len(ranks) > 1:
+            for i, x in enumerate(ranks):
+                ph = " ".join(f"{k}={v:.1f}" for k, v in x.get("phases", {}).items())
+                print(f"{'  rank ' + str(i):44s} {'':4s} {x['seconds']:8.2f} {'':8s} {'':6s} {x['comm_s']:7.2f} {x['peak_gib']:>18}  {ph}")
+    if extra and args.append_scaling:
+        results_store.append(extra, args.records)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("dp", "split"):
+        p = sub.add_parser(name)
+        p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (gloo): proves the script")
+        p.add_argument("--tokenizer", default=None, help="tokenizer directory (default .device/tokenizer)")
+        p.add_argument("--records", default=None, help="records file to append to (benchmarks/results_store.py)")
+    dp, split = sub.choices["dp"], sub.choices["split"]
+    dp.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
+    dp.add_argument("--stats-tokens", type=int, default=2_000_000, help="tokens of the statistics pass (0: none)")
+    dp.add_argument("--edits", type=int, default=2000, help="edits (0: none)")
+    split.add_argument("--model", default="neox-20b", choices=list(SPLIT_MODELS))
+    split.add_argument("--gpus", type=int, default=2)
+    split.add_argument("--stats-tokens", type=int, default=200_000)
+    split.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per statistics forward")
+    split.add_argument("--edits", type=int, default=32)
+    split.add_argument("--layers", type=int, default=None, help="edit only the last N of the preset's critical layers (memory: their statistics share a GPU)")
+    s = sub.add_parser("summary")
+    s.add_argument("--records", required=True)
+    s.add_argument("--append-scaling", action="store_true", help="append the scaling-efficiency records to --records")
+    args = ap.parse_args(argv)
+    return {"dp": cmd_dp, "split": cmd_split, "summary": cmd_summary}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
