@@ -126,7 +126,12 @@ def compute_targets(
     # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
     budget = chunk_tokens or _default_chunk_tokens(model, hparams)
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
-    chunks = length_batches(padded, budget)
+    # requests whose KL row is read from the bare row (shortcut 5) are chunked apart from the
+    # others, so each request is computed the same way whichever requests share its chunk
+    chunks = []
+    for shortcut in (True, False):
+        group = [i for i, r in enumerate(rows) if r.kl_in_bare == shortcut]
+        chunks += [[group[j] for j in batch] for batch in length_batches([padded[i] for i in group], budget)]
     log.info("z: %d requests in %d chunks of up to %d padded suffix tokens (%s), %s layout", len(rows), len(chunks), budget,
              "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"))
 
@@ -166,7 +171,7 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperP
     """(z (B, d_model), Adam steps taken per request (B,)) of one chunk."""
     device = model_device(model)
     B, n_t = len(rows), len(rows[0].target_start)
-    kl_row = 0 if all(r.kl_in_bare for r in rows) else n_t  # shortcut 5, when every request allows it
+    kl_row = 0 if rows[0].kl_in_bare else n_t  # shortcut 5 (a chunk's requests agree: compute_targets)
     n_rows = n_t + (kl_row == n_t)
     L, loss_layer = hp.layers[-1], hp.v_loss_layer
     c = _make_chunk(rows, n_rows, pad_id(tok), device)

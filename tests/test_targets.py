@@ -31,9 +31,10 @@ def test_batched_z_equals_one_at_a_time(arch):
     ref = torch.stack([reference_z(m, tok, r, hp, tiny.TEMPLATES) for r in reqs])
     assert batched.dtype == torch.float64
     # float64 models: the only differences are rounding, amplified by Adam: near a zero gradient
-    # its step moves by up to lr/eps (5e7 here) per unit of gradient rounding. Reading the KL
-    # distribution from the bare row (shortcut 5) rounds differently from the KL row: ~2e-8 on llama.
-    assert _rel(batched, alone) < 1e-7
+    # its step moves by up to lr/eps (5e7 here) per unit of gradient rounding. The reference runs
+    # the KL prompt as its own row; the fast path reads it from the bare row (shortcut 5), which
+    # rounds differently: ~2e-8 on llama.
+    assert _rel(batched, alone) < 1e-9
     assert _rel(batched, ref) < 1e-7
 
 
