@@ -284,10 +284,43 @@ def plot(records: list[dict], path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_over_commits(records: list[dict], path) -> None:
+    """Before/after: per model, the measured fast runs' total time (solid) and z (dashed) against
+    the number of edits, one colour per commit in date order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[str, dict[str, list]] = {}
+    for r in records:
+        if r["kind"] == "profile_run" and r["name"] == "apply" and r["metric"] == "time" and r.get("provider") == "memit_fast" and not r["extrapolated"]:
+            runs.setdefault(r.get("model") or "?", {}).setdefault(r["commit"][:7], []).append(r)
+    if not runs:
+        raise SystemExit("no profile runs to plot")
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.6), squeeze=False)
+    for ax, (model, by_commit) in zip(axes.flat, sorted(runs.items())):
+        for i, (commit, totals) in enumerate(sorted(by_commit.items(), key=lambda kv: min(r["date"] for r in kv[1]))):
+            totals = sorted({t["n_edits"]: t for t in totals}.values(), key=lambda t: t["n_edits"])
+            colour = plt.get_cmap("viridis")(i / max(len(by_commit) - 1, 1))
+            ax.plot([t["n_edits"] for t in totals], [t["value"] for t in totals], "-o", color=colour, lw=2,
+                    label=f"{commit} ({min(t['date'] for t in totals)[:10]})")
+            z = [(t["n_edits"], _phase([x for x in records if x["run_id"] == t["run_id"] and x.get("n_edits") == t["n_edits"]
+                                         and x.get("provider") == "memit_fast"], "z", "time", t["params"]["status"])) for t in totals]
+            z = [(n, r["value"]) for n, r in z if r]
+            if z:
+                ax.plot(*zip(*z), "--", color=colour, lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="edits", ylabel="seconds (solid: total, dashed: z)", title=f"{model}, fast mode, by commit")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", nargs="+", default=[str(results_store.DEFAULT_PATH)], help="records files")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="directory for results.md and results.png")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="directory for results.md, results.png and results_over_commits.png")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     records = [r for f in args.records for r in results_store.load(f)]
@@ -303,10 +336,11 @@ def main(argv=None) -> int:
     if not args.no_plot:
         try:
             plot(records, out / "results.png")
+            plot_over_commits(records, out / "results_over_commits.png")
         except ImportError:
             print("matplotlib is not installed: tables only", file=sys.stderr)
             return 0
-        print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
+        print(f"wrote {out / 'results.md'}, {out / 'results.png'} and {out / 'results_over_commits.png'}")
     return 0
 
 

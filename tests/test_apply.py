@@ -41,7 +41,10 @@ def test_fast_equals_reference(arch):
         if n in orig:
             d_fast, d_ref = fast[n] - before[n], p - before[n]
             assert d_ref.norm() > 0
-            assert (d_fast - d_ref).norm() / d_ref.norm() < 1e-8, n
+            # 1e-8 before shortcut 5: the fast path now adds the KL and NLL gradients at the bare
+            # row, the reference at delta; each part is bit-identical alone, the sum rounds
+            # differently, and tiny llama's z backward amplifies that to ~2e-8 (float64)
+            assert (d_fast - d_ref).norm() / d_ref.norm() < 1e-7, n
         else:
             assert torch.equal(p, before[n]) and torch.equal(fast[n], before[n]), n
 
