@@ -1,0 +1,94 @@
+"""z's shared-template prefix cache (memit_fast/layouts/shared_prefix.py, docs/algorithm.md 6.2)
+against the per-row prefix cache, CPU float64, every family of tests/test_layouts.py: the same
+block `layer` output over the suffixes, the same forward from it (blocks layer+1..stop), and the
+same after the batch shrinks to fewer requests; templates padded to different lengths (one with
+no tokens), own prefixes of different lengths (some empty), sliding windows shorter than the rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from memit_fast.layouts.base import prefix_attention
+from memit_fast.layouts.shared_prefix import shared_prefix_attention
+
+from test_layouts import NAMES, _assert_close, _layout, _pad, _rows, _rtol
+
+TEMPLATE_LENGTHS = [0, 4, 2]  # n = 3 templates, padded to 4; template 0 has no tokens (no BOS)
+OWN_LENGTHS = [[2, 0, 3], [1, 4, 0], [0, 2, 2]]  # per request, per template
+SUFFIX_LENGTHS = [[3, 1, 2], [2, 2, 4], [1, 3, 3]]
+
+
+def _batch(seed=0):
+    templates = _rows(TEMPLATE_LENGTHS, seed)
+    own = [_rows(lengths, seed + 1 + b) for b, lengths in enumerate(OWN_LENGTHS)]
+    suffix = [_rows(lengths, seed + 10 + b) for b, lengths in enumerate(SUFFIX_LENGTHS)]
+    rows = [(templates[j], own[b][j], suffix[b][j]) for b in range(len(OWN_LENGTHS)) for j in range(len(templates))]
+    return templates, rows
+
+
+def _runners(layout, layer, stop):
+    templates, rows = _batch()
+    template_ids, template_mask = _pad(templates)
+    template_mask[[j for j, t in enumerate(templates) if not t]] = 0
+    own_ids, own_mask = _pad([o for _, o, _ in rows])
+    own_mask[[r for r, (_, o, _) in enumerate(rows) if not o]] = 0
+    prefix_ids, prefix_mask = _pad([t + o for t, o, _ in rows])
+    prefix_mask[[r for r, (t, o, _) in enumerate(rows) if not t + o]] = 0
+    suffix_ids, suffix_mask = _pad([s for _, _, s in rows])
+    start = torch.tensor([len(t) + len(o) for t, o, _ in rows])
+    last = start + torch.tensor([len(s) for _, _, s in rows]) - 1
+    pos = torch.minimum(start[:, None] + torch.arange(suffix_ids.shape[1]), last[:, None])
+    per_row = layout.suffix_runner(prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, layer, stop)
+    shared = layout.shared_suffix_runner(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop)
+    return per_row, shared, suffix_mask
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_template_cache_equals_per_row_cache(name, layer):
+    close = functools.partial(_assert_close, rtol=_rtol(name))
+    layout = _layout(name)
+    stop = layout.n_layers - 1
+    per_row, shared, mask = _runners(layout, layer, stop)
+    assert shared.cache.length.tolist() == per_row.cache.length.tolist()
+    close(shared.hidden, per_row.hidden, mask, "block layer's output")
+    delta = torch.randn(per_row.hidden.shape, generator=torch.Generator().manual_seed(3), dtype=per_row.hidden.dtype)
+    with torch.no_grad():
+        close(shared.forward(shared.hidden + delta), per_row.forward(per_row.hidden + delta), mask, "forward")
+        keep = torch.arange(len(mask))
+        for requests in ([2, 0], [1]):  # the batch shrinks twice, whole requests (3 rows each)
+            rows = (torch.tensor(requests)[:, None] * 3 + torch.arange(3)).reshape(-1)
+            shared.select(rows)
+            per_row.select(rows)
+            keep = keep[rows]
+            h = per_row.hidden[keep] + delta[keep]
+            close(shared.forward(h), per_row.forward(h), mask[keep], f"forward after keeping rows {keep.tolist()}")
+    with pytest.raises(ValueError):
+        shared.select(torch.tensor([0, 1]))  # not whole requests
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_shared_prefix_attention_equals_prefix_attention(heads, kv_heads):
+    """Three parts joined as scores == prefix_attention over each row's template and own prefix
+    joined, outputs and input gradients (float64), with padded templates and own prefixes."""
+    g = torch.Generator().manual_seed(5)
+    B, n, S, T, P, hd = 2, 3, 4, 5, 3, 8
+    R = B * n
+    q, k, v = (torch.randn(R, h, S, hd, generator=g, dtype=torch.float64, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    template = tuple(torch.randn(n, kv_heads, T, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    own = tuple(torch.randn(R, kv_heads, P, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    t_ok = torch.arange(T)[None] < torch.tensor([5, 0, 2])[:, None]  # (n, T)
+    o_ok = torch.arange(P)[None] < torch.tensor([3, 1, 0, 2, 3, 0])[:, None]  # (R, P)
+    causal = torch.ones(S, S, dtype=torch.bool).tril().expand(R, S, S)
+    mask = torch.cat([torch.cat([t_ok.repeat(B, 1), o_ok], 1)[:, None].expand(R, S, T + P), causal], -1)[:, None]
+    got = shared_prefix_attention(q, k, v, template, own, mask, n, 0.3)
+    joined = tuple(torch.cat([t.repeat(B, 1, 1, 1), o], 2) for t, o in zip(template, own))
+    want = prefix_attention(q, k, v, joined, mask, 0.3)
+    assert (got - want).abs().max() < 1e-13
+    grads = torch.autograd.grad(got.pow(2).sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(want.pow(2).sum(), (q, k, v))):
+        assert (a - b).abs().max() < 1e-12
