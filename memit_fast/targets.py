@@ -101,6 +101,36 @@ def _make_chunk(rows: list[RequestRows], n_rows: int, pad: int, device) -> _Chun
     return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device), target_ids.to(device), target_mask.to(device))
 
 
+def _template_lengths(rows: list[RequestRows], n_rows: int) -> list[int]:
+    """Per row index j < n_rows, the tokens that row j of every request starts with, before its
+    subject's last token: the context template's own tokens, whose keys and values are the same
+    in every request (shortcut 1's shared part; 0 where some row does not start with them)."""
+    lengths = []
+    for j in range(n_rows):
+        first, n = rows[0].ids[j], rows[0].lookup[j]
+        for r in rows[1:]:
+            ids = r.ids[j]
+            n = min(n, r.lookup[j])
+            n = next((t for t in range(n) if ids[t] != first[t]), n)
+        lengths.append(n)
+    return lengths
+
+
+def _shared_split(rows: list[RequestRows], n_rows: int, lengths: list[int], pad: int, device):
+    """(template_ids, template_mask (n_rows, T), own_ids, own_mask (R, P)) of the prefixes [0, s)
+    split after the template tokens `lengths`; rows request-major as in `_make_chunk`."""
+    templates = [rows[0].ids[j][:t] for j, t in enumerate(lengths)]
+    own = [ids[lengths[j] : s] for r in rows for j, (ids, s) in enumerate(zip(r.ids[:n_rows], r.lookup))]
+    template_ids, template_mask = pad_right([t or [pad] for t in templates], pad, device)
+    template_mask[[j for j, t in enumerate(templates) if not t]] = 0
+    if max(map(len, own)):
+        own_ids, own_mask = pad_right([o or [pad] for o in own], pad, device)
+        own_mask[[i for i, o in enumerate(own) if not o]] = 0
+    else:
+        own_ids = own_mask = torch.zeros(len(own), 0, dtype=torch.long, device=device)
+    return template_ids, template_mask, own_ids, own_mask
+
+
 def compute_targets(
     model,
     tok,
@@ -123,22 +153,37 @@ def compute_targets(
     (the early-stop loss, or v_num_grad_steps - 1)."""
     layout = layout or layout_for(model, hparams)
     rows = [build_rows(r) for r in requests]
-    # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
-    budget = chunk_tokens or _default_chunk_tokens(model, hparams)
+    # Chunks of requests with similar suffix lengths: about chunk_tokens padded suffix tokens each
+    # when asked (4096 off the GPU), else as many as the GPU memory estimate allows, the cached
+    # prefix counted (_chunk_memory).
+    memory = None if chunk_tokens else _chunk_memory(model, layout, hparams)
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
     # requests whose KL row is read from the bare row (shortcut 5) are chunked apart from the
     # others, so each request is computed the same way whichever requests share its chunk
-    chunks = []
+    chunks, shared = [], []
     for shortcut in (True, False):
         group = [i for i, r in enumerate(rows) if r.kl_in_bare == shortcut]
-        chunks += [[group[j] for j in batch] for batch in length_batches([padded[i] for i in group], budget)]
-    log.info("z: %d requests in %d chunks of up to %d padded suffix tokens (%s), %s layout", len(rows), len(chunks), budget,
-             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"))
+        if not group:
+            continue
+        n_rows = len(rows[group[0]].ids) - shortcut
+        # the template tokens all requests of the group share, for every chunk of it (shortcut 1)
+        lengths = _template_lengths([rows[i] for i in group], n_rows) if _shares_templates(layout) else [0] * n_rows
+        if memory is None:
+            batches = length_batches([padded[i] for i in group], chunk_tokens or 4096)
+        else:  # cached prefix tokens per request: its rows' widest part after the shared template
+            prefix = [n_rows * max(s - t for s, t in zip(rows[i].lookup, lengths)) for i in group]
+            batches = _memory_batches([padded[i] for i in group], prefix, *memory)
+        chunks += [[group[j] for j in batch] for batch in batches]
+        shared += [lengths] * len(batches)
+    log.info("z: %d requests in %d chunks of up to %s (%s), %s layout, templates' keys and values %s", len(rows), len(chunks),
+             f"{chunk_tokens or 4096} padded suffix tokens" if memory is None else f"{memory[0] / 2**30:.1f} GiB",
+             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"),
+             "shared" if any(max(t) for t in shared) else "per row")
 
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
-    for chunk in chunks:
-        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
+    for chunk, lengths in zip(chunks, shared):
+        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], lengths, hparams, bar, cuda_graphs)
         if steps_out is not None:
             steps_out[chunk] = steps.cpu()
     bar.close()
@@ -147,36 +192,89 @@ def compute_targets(
     return z
 
 
-def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
-    """Suffix tokens per chunk when the run configuration sets none, from a memory estimate: per suffix
-    token, the activations kept for the backward pass of blocks L+1..v_loss_layer (about
-    10 d + 3 d_ff elements per block: measured 3.1 MiB per token for GPT-J in bf16 on an H200,
-    where the formula gives 3.5) and the target logits. The chunk's share is at most 30% of the
-    free memory and 8 GiB (about 2,200 GPT-J tokens: the chunk size of the 5,000-edit run at
-    270 TFLOP/s; 4,488-token chunks measured no faster)."""
+Z_MEMORY_CAP = 14 * 2**30  # bytes of z's chunk memory at most (with the prefix counted)
+
+
+def _shares_templates(layout) -> bool:
+    """The layout holds the context templates' keys and values once per chunk (shortcut 1)."""
+    return getattr(layout, "shared_prefix", False) and hasattr(layout, "shared_suffix_runner")
+
+
+def _chunk_memory(model, layout, hparams: MEMITHyperParams) -> tuple[float, float, float] | None:
+    """(budget, bytes per padded suffix token, bytes per padded cached prefix token) of a z chunk
+    on the GPU, None elsewhere. Per suffix token: the activations kept for the backward pass of
+    blocks L+1..v_loss_layer (about 10 d + 3 d_ff elements per block: measured 3.1 MiB per token
+    for GPT-J in bf16 on an H200, where the formula gives 3.5) and the target logits. Per prefix
+    token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
+    for a family layout (the shared-template runner drops blocks 0..L as it goes; the per-row
+    cache holds blocks 0..v_loss_layer while it is built), every block for the generic layout.
+    The budget is 30% of the free memory and Z_MEMORY_CAP at most."""
     device = model_device(model)
     if device.type != "cuda":
-        return 4096
+        return None
     config = model.config
     d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     elem = next(model.parameters()).element_size()
-    layers_run = max(hparams.v_loss_layer - hparams.layers[-1], 1)
-    per_token = layers_run * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
+    L, stop = hparams.layers[-1], hparams.v_loss_layer
+    per_suffix = max(stop - L, 1) * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
+    kv_width = getattr(layout, "n_kv_heads", None) and layout.n_kv_heads * layout.head_dim
+    if kv_width:
+        cached = stop - L if _shares_templates(layout) else stop + 1
+    else:
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
+        cached = getattr(config, "num_hidden_layers", None) or config.n_layer
+    per_prefix = cached * kv_width * (max(elem, 4) + elem)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1024, min(0.3 * free, 8 * 2**30) / per_token))
+    return min(0.3 * free, Z_MEMORY_CAP), per_suffix, per_prefix
 
 
-def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk."""
+def _memory_batches(suffix: list[int], prefix: list[int], budget: float, per_suffix: float, per_prefix: float) -> list[list[int]]:
+    """Indices grouped by suffix tokens longest first, each group's padded suffix (rows x widest
+    suffix) and padded prefix (rows x widest prefix) within `budget` bytes (one request at least).
+    suffix, prefix: per request, its rows times its widest suffix / cached prefix."""
+    order = sorted(range(len(suffix)), key=lambda i: suffix[i], reverse=True)
+    batches: list[list[int]] = []
+    widest = 0
+    for i in order:
+        if batches:
+            n = len(batches[-1]) + 1
+            if n * (suffix[batches[-1][0]] * per_suffix + max(widest, prefix[i]) * per_prefix) <= budget:
+                batches[-1].append(i)
+                widest = max(widest, prefix[i])
+                continue
+        batches.append([i])
+        widest = prefix[i]
+    return batches
+
+
+def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:
+    """The padded suffix tokens of a default GPU chunk whose rows cache `prefix_per_suffix` prefix
+    tokens per suffix token (for benchmarks; compute_targets chunks by `_memory_batches`)."""
+    memory = _chunk_memory(model, layout, hparams)
+    if memory is None:
+        return 4096
+    budget, per_suffix, per_prefix = memory
+    return int(budget / (per_suffix + prefix_per_suffix * per_prefix))
+
+
+def _optimise_chunk(model, layout, tok, rows: list[RequestRows], lengths: list[int], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk; lengths: per row index, the
+    template tokens every row of that index starts with (`_template_lengths`; all 0: per-row cache)."""
     device = model_device(model)
     B, n_t = len(rows), len(rows[0].target_start)
     kl_row = 0 if rows[0].kl_in_bare else n_t  # shortcut 5 (a chunk's requests agree: compute_targets)
     n_rows = n_t + (kl_row == n_t)
     L, loss_layer = hp.layers[-1], hp.v_loss_layer
     c = _make_chunk(rows, n_rows, pad_id(tok), device)
-    # Once: the prefix cache and block L's output over the suffix, no gradients.
-    runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
+    # Once: the prefix cache and block L's output over the suffix, no gradients; the context
+    # templates' keys and values once per chunk where the layout can (shortcut 1).
+    if max(lengths):
+        split = _shared_split(rows, n_rows, lengths, pad_id(tok), device)
+        runner = layout.shared_suffix_runner(*split, c.suffix_ids, c.suffix_pos, L, loss_layer)
+    else:
+        runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
     h_L = runner.hidden  # (R, S, d)
 
     # delta and z in float32 as the original (float64 for a float64 model); bare template first.

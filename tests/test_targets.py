@@ -133,3 +133,76 @@ def test_kl_row_read_from_the_bare_row(monkeypatch):
     monkeypatch.setattr(targets, "build_rows", without)
     without_shortcut = torch.cat([_compute_targets(m, tok, [e], hp, progress=False) for e in enc])
     assert _rel(with_shortcut, without_shortcut) < 1e-9
+
+
+def _spy_runners(monkeypatch, layout):
+    """Count the layout's shared-template and per-row runner builds."""
+    calls = {"shared": 0, "per_row": 0}
+    for name, key in (("shared_suffix_runner", "shared"), ("suffix_runner", "per_row")):
+        method = getattr(layout, name)
+
+        def counted(*a, method=method, key=key, **k):
+            calls[key] += 1
+            return method(*a, **k)
+
+        monkeypatch.setattr(layout, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_shared_template_cache_does_not_change_z(arch, monkeypatch):
+    """Shortcut 1's shared part: the context templates' keys and values held once per chunk give
+    the z of the per-row prefix cache (float64), early stops (the batch shrinking) included."""
+    from memit_fast.layouts import layout_for
+
+    m, tok = tiny.model(arch), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=8)
+    reqs = normalize_requests(tiny.REQUESTS)
+    layout = layout_for(m, hp)
+    calls = _spy_runners(monkeypatch, layout)
+    first = [_step0_loss(m, tok, r, hp) for r in reqs]
+    monkeypatch.setattr(targets, "STOP_LOSS", sorted(first)[1] + 1e-6)  # some stop at once, the others go on
+    shared = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
+    assert calls == {"shared": 2, "per_row": 0}  # one chunk per KL-row group
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    per_row = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
+    assert calls == {"shared": 2, "per_row": 2}
+    assert _rel(shared, per_row) < 1e-9
+
+
+def test_template_lengths_fall_back_per_row(monkeypatch):
+    """A row that does not start with its template's tokens: that template's rows keep their whole
+    prefix per row (template length 0) and z is unchanged; when no template is shared by every
+    request, the chunk runs the per-row prefix cache."""
+    from memit_fast.layouts import layout_for
+    from memit_fast.tokens import EncodedPrompt, EncodedRequest
+
+    m, tok = tiny.model("llama"), tiny.tokenizer()
+    hp = tiny.hparams(m)
+    reqs = normalize_requests(tiny.REQUESTS)[::2]  # two requests whose KL rows are read from the bare row
+    enc = encode_requests(tok, reqs, flatten(tiny.TEMPLATES), hp.fact_token)
+    rows = [targets.build_rows(e) for e in enc]
+    assert all(r.kl_in_bare for r in rows)
+    assert targets._template_lengths(rows, 3) == [0, 3, 7]
+
+    def first_token(e, templates, token):
+        """e with the first token of its rows `templates` replaced (the row no longer starts with its template's tokens)."""
+        prompts = [EncodedPrompt([token] + p.ids[1:], p.lookup) if j in templates else p for j, p in enumerate(e.prompts)]
+        return EncodedRequest(prompts, e.kl, e.target)
+
+    other = enc[0].prompts[1].ids[0] + 1
+    changed = [enc[0], first_token(enc[1], {2}, other)]
+    assert targets._template_lengths([targets.build_rows(e) for e in changed], 3) == [0, 3, 0]
+    layout = layout_for(m, hp)
+    calls = _spy_runners(monkeypatch, layout)
+    z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
+    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed])  # all shared
+    assert calls == {"shared": 3, "per_row": 0}
+    assert _rel(z, alone) < 1e-9
+    # no template shared by both requests: the per-row prefix cache
+    changed = [enc[0], first_token(enc[1], {1, 2}, other)]
+    assert targets._template_lengths([targets.build_rows(e) for e in changed], 3) == [0, 0, 0]
+    z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
+    assert calls == {"shared": 3, "per_row": 1}
+    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed])
+    assert _rel(z, alone) < 1e-9
