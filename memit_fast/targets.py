@@ -3,6 +3,8 @@
 
 1. each prompt is split at the subject's last token s: the prefix [0, s) never changes during the
    optimisation, so its attention keys/values are computed once, per layer (`layouts.PrefixCache`);
+   the context template's own tokens, the same in every request, once per chunk and template
+   (`layouts.shared_prefix`, family layouts), each row keeping only the tokens after them;
 2. layers 0..L run once, without gradients, over the suffix [s, end); each step runs only layers
    L+1..v_loss_layer over the suffix, on top of the cached prefix (`layouts.SuffixRunner`);
 3. the vocabulary projection is taken at the target positions and the KL position only;
