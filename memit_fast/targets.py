@@ -158,11 +158,10 @@ def compute_targets(
     # Chunks of requests with similar suffix lengths: about chunk_tokens padded suffix tokens each
     # when asked (4096 off the GPU), else as many as the GPU memory estimate allows, the cached
     # prefix counted (_chunk_memory).
-    memory = None if chunk_tokens else _chunk_memory(model, layout, hparams)
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
     # requests whose KL row is read from the bare row (shortcut 5) are chunked apart from the
     # others, so each request is computed the same way whichever requests share its chunk
-    chunks, shared = [], []
+    chunks, shared, memory = [], [], None
     for shortcut in (True, False):
         group = [i for i, r in enumerate(rows) if r.kl_in_bare == shortcut]
         if not group:
@@ -170,6 +169,7 @@ def compute_targets(
         n_rows = len(rows[group[0]].ids) - shortcut
         # the template tokens all requests of the group share, for every chunk of it (shortcut 1)
         lengths = _template_lengths([rows[i] for i in group], n_rows) if _shares_templates(layout) else [0] * n_rows
+        memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=max(lengths) > 0)
         if memory is None:
             batches = length_batches([padded[i] for i in group], chunk_tokens or 4096)
         else:  # cached prefix tokens per request: its rows' widest part after the shared template
@@ -178,7 +178,7 @@ def compute_targets(
         chunks += [[group[j] for j in batch] for batch in batches]
         shared += [lengths] * len(batches)
     log.info("z: %d requests in %d chunks of up to %s (%s), %s layout, templates' keys and values %s", len(rows), len(chunks),
-             f"{chunk_tokens or 4096} padded suffix tokens" if memory is None else f"{memory[0] / 2**30:.1f} GiB",
+             f"{memory[0] / 2**30:.1f} GiB" if memory else f"{chunk_tokens or 4096} padded suffix tokens",
              "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"),
              "shared" if any(max(t) for t in shared) else "per row")
 
@@ -202,14 +202,14 @@ def _shares_templates(layout) -> bool:
     return getattr(layout, "shared_prefix", False) and hasattr(layout, "shared_suffix_runner")
 
 
-def _chunk_memory(model, layout, hparams: MEMITHyperParams) -> tuple[float, float, float] | None:
+def _chunk_memory(model, layout, hparams: MEMITHyperParams, shared: bool) -> tuple[float, float, float] | None:
     """(budget, bytes per padded suffix token, bytes per padded cached prefix token) of a z chunk
     on the GPU, None elsewhere. Per suffix token: the activations kept for the backward pass of
     blocks L+1..v_loss_layer (about 10 d + 3 d_ff elements per block: measured 3.1 MiB per token
     for GPT-J in bf16 on an H200, where the formula gives 3.5) and the target logits. Per prefix
     token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
-    for a family layout (the shared-template runner drops blocks 0..L as it goes; the per-row
-    cache holds blocks 0..v_loss_layer while it is built), every block for the generic layout.
+    for the shared-template runner (shared: it drops blocks 0..L as it goes), 0..v_loss_layer for
+    the per-row cache (held while it is built), every block for the generic layout.
     The budget is 30% of the free memory and Z_MEMORY_CAP at most."""
     device = model_device(model)
     if device.type != "cuda":
@@ -222,7 +222,7 @@ def _chunk_memory(model, layout, hparams: MEMITHyperParams) -> tuple[float, floa
     per_suffix = max(stop - L, 1) * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
     kv_width = getattr(layout, "n_kv_heads", None) and layout.n_kv_heads * layout.head_dim
     if kv_width:
-        cached = stop - L if _shares_templates(layout) else stop + 1
+        cached = stop - L if shared else stop + 1
     else:
         heads = getattr(config, "num_attention_heads", None) or config.n_head
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
@@ -254,7 +254,7 @@ def _memory_batches(suffix: list[int], prefix: list[int], budget: float, per_suf
 def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:
     """The padded suffix tokens of a default GPU chunk whose rows cache `prefix_per_suffix` prefix
     tokens per suffix token (for benchmarks; compute_targets chunks by `_memory_batches`)."""
-    memory = _chunk_memory(model, layout, hparams)
+    memory = _chunk_memory(model, layout, hparams, _shares_templates(layout))
     if memory is None:
         return 4096
     budget, per_suffix, per_prefix = memory

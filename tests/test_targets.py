@@ -206,3 +206,35 @@ def test_template_lengths_fall_back_per_row(monkeypatch):
     assert calls == {"shared": 3, "per_row": 1}
     alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed])
     assert _rel(z, alone) < 1e-9
+
+
+def test_memory_batches_count_the_cached_prefix():
+    """GPU chunking: a chunk's padded suffix (rows x widest suffix) and padded prefix (rows x
+    widest cached prefix) bytes stay within the budget; one request at least per chunk."""
+    suffix, prefix = [30, 20, 20, 10, 10], [5, 40, 5, 5, 5]
+    # suffix only: 2 x 30 = 60 <= 60, then 20 x 3 = 60
+    assert targets._memory_batches(suffix, prefix, 60, 1.0, 0.0) == [[0, 1], [2, 3, 4]]
+    # the prefix counted: {0, 1} would be 2 x (30 + 40) = 140 > 100; {1, 2, 3} 3 x (20 + 40) = 180 > 130
+    assert targets._memory_batches(suffix, prefix, 130, 1.0, 1.0) == [[0], [1, 2], [3, 4]]
+    assert targets._memory_batches(suffix, prefix, 1, 1.0, 1.0) == [[0], [1], [2], [3], [4]]
+
+
+def test_default_gpu_chunking_counts_the_prefix(monkeypatch):
+    """compute_targets' default chunking (the GPU's, forced here) sizes chunks by suffix and
+    cached prefix bytes: with the prefix dear, more chunks; z the same either way."""
+    m, tok = tiny.model("gpt2"), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=3)
+    reqs = normalize_requests(tiny.REQUESTS * 4)
+    seen = []
+    optimise = targets._optimise_chunk
+    monkeypatch.setattr(targets, "_optimise_chunk", lambda m, l, t, rows, *a: seen.append(len(rows)) or optimise(m, l, t, rows, *a))
+    z = {}
+    for per_prefix in (0.0, 10.0):
+        seen.clear()
+        monkeypatch.setattr(targets, "_chunk_memory", lambda *a, per_prefix=per_prefix, **k: (300.0, 1.0, per_prefix))
+        z[per_prefix] = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
+        counts = list(seen)
+        if per_prefix == 0:
+            free = counts
+    assert sum(free) == sum(counts) == len(reqs) and len(counts) > len(free)
+    assert _rel(z[10.0], z[0.0]) < 1e-9
