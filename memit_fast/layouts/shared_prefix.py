@@ -102,6 +102,12 @@ class SharedPrefixCache:
         return SharedPrefixCache(self.template, self.template_mask, own, self.own_mask[rows])
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """t in storage of its own size: a view into a fused projection's output (GPT-2's c_attn, NeoX's
+    query_key_value) would keep the whole output alive in the cache."""
+    return t.contiguous() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 class SharedPrefixRunner:
     """`SuffixRunner`'s contract (hidden, select, forward) over a `SharedPrefixCache`: the
     templates' keys and values once (n rows, blocks 0..stop), then in one pass without gradients,
@@ -133,7 +139,7 @@ class SharedPrefixRunner:
             for i in range(stop + 1):
                 if P:
                     own_h, (k, v) = layout.block(i, own_h, own_ctx, cache.kv[i], want_kv=True)
-                    own[i] = (k.to(score_dtype(k.dtype)), v)
+                    own[i] = (_compact(k.to(score_dtype(k.dtype))), _compact(v))
                 if i <= layer:
                     h = layout.block(i, h, ctx, SharedPrefixKV(template[i], own.pop(i, None), n))
             self.hidden = h.to(suffix_ids.device)
