@@ -87,8 +87,8 @@ def main(argv=None) -> int:
         pool = [targets.build_rows(e) for e in encode_requests(tok, normalize_requests(synthetic.make_requests(records, 400, seed=1)), flat, hp.fact_token)]
         pool = [r for r in pool if r.kl_in_bare] or pool
         n_rows = len(pool[0].ids) - pool[0].kl_in_bare
-        lengths = targets._template_lengths(pool, n_rows)
-        prefix = sum(n_rows * max(s - t for s, t in zip(r.lookup, lengths)) for r in pool)
+        templates = targets._template_tokens(pool, n_rows)
+        prefix = sum(n_rows * targets._cached_prefix(r, n_rows, templates) for r in pool)
         suffix = sum(n_rows * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in pool)
         sizes.append((None, targets.default_chunk_tokens(model, layout, hp, prefix / suffix)))
     for asked, ct in sizes:

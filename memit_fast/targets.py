@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -103,26 +104,42 @@ def _make_chunk(rows: list[RequestRows], n_rows: int, pad: int, device) -> _Chun
     return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device), target_ids.to(device), target_mask.to(device))
 
 
-def _template_lengths(rows: list[RequestRows], n_rows: int) -> list[int]:
-    """Per row index j < n_rows, the tokens that row j of every request starts with, before its
-    subject's last token: the context template's own tokens, whose keys and values are the same
-    in every request (shortcut 1's shared part; 0 where some row does not start with them)."""
-    lengths = []
+def _template_tokens(rows: list[RequestRows], n_rows: int) -> list[list[int]]:
+    """Per row index j < n_rows, the tokens that row j of most requests (more than half) starts
+    with, before its subject's last token: the context template's own tokens, whose keys and
+    values are the same in every request that starts with them (shortcut 1's shared part)."""
+    out = []
     for j in range(n_rows):
-        first, n = rows[0].ids[j], rows[0].lookup[j]
-        for r in rows[1:]:
-            ids = r.ids[j]
-            n = min(n, r.lookup[j])
-            n = next((t for t in range(n) if ids[t] != first[t]), n)
-        lengths.append(n)
-    return lengths
+        alive, tokens = [r.ids[j][: r.lookup[j]] for r in rows], []
+        while True:
+            t = len(tokens)
+            heads = Counter(ids[t] for ids in alive if len(ids) > t)
+            if not heads or 2 * heads.most_common(1)[0][1] <= len(rows):
+                break
+            tokens.append(heads.most_common(1)[0][0])
+            alive = [ids for ids in alive if len(ids) > t and ids[t] == tokens[t]]
+        out.append(tokens)
+    return out
 
 
-def _shared_split(rows: list[RequestRows], n_rows: int, lengths: list[int], pad: int, device):
-    """(template_ids, template_mask (n_rows, T), own_ids, own_mask (R, P)) of the prefixes [0, s)
-    split after the template tokens `lengths`; rows request-major as in `_make_chunk`."""
-    templates = [rows[0].ids[j][:t] for j, t in enumerate(lengths)]
-    own = [ids[lengths[j] : s] for r in rows for j, (ids, s) in enumerate(zip(r.ids[:n_rows], r.lookup))]
+def _uses_template(ids: list[int], s: int, template: list[int]) -> bool:
+    """The row (ids, subject's last token at s) starts with its template's tokens (not empty)."""
+    return 0 < len(template) <= s and ids[: len(template)] == template
+
+
+def _cached_prefix(r: RequestRows, n_rows: int, templates: list[list[int]]) -> int:
+    """The widest prefix that request r's rows cache: the part after the shared template tokens
+    where a row starts with them, else the whole prefix [0, s)."""
+    return max(s - len(t) * _uses_template(ids, s, t) for ids, s, t in zip(r.ids[:n_rows], r.lookup, templates))
+
+
+def _shared_split(rows: list[RequestRows], n_rows: int, templates: list[list[int]], pad: int, device):
+    """(template_ids, template_mask (n_rows, T), own_ids, own_mask (R, P), uses (R,) bool) of the
+    prefixes [0, s): a row that starts with its template's tokens keeps the rest of its prefix
+    (uses True), any other row its whole prefix; rows request-major as in `_make_chunk`."""
+    each = [(ids, s, t) for r in rows for ids, s, t in zip(r.ids[:n_rows], r.lookup, templates)]
+    uses = [_uses_template(ids, s, t) for ids, s, t in each]
+    own = [ids[len(t) if u else 0 : s] for u, (ids, s, t) in zip(uses, each)]
     template_ids, template_mask = pad_right([t or [pad] for t in templates], pad, device)
     template_mask[[j for j, t in enumerate(templates) if not t]] = 0
     if max(map(len, own)):
@@ -130,7 +147,7 @@ def _shared_split(rows: list[RequestRows], n_rows: int, lengths: list[int], pad:
         own_mask[[i for i, o in enumerate(own) if not o]] = 0
     else:
         own_ids = own_mask = torch.zeros(len(own), 0, dtype=torch.long, device=device)
-    return template_ids, template_mask, own_ids, own_mask
+    return template_ids, template_mask, own_ids, own_mask, torch.tensor(uses, device=device)
 
 
 def compute_targets(
@@ -168,24 +185,24 @@ def compute_targets(
             continue
         n_rows = len(rows[group[0]].ids) - shortcut
         # the template tokens all requests of the group share, for every chunk of it (shortcut 1)
-        lengths = _template_lengths([rows[i] for i in group], n_rows) if _shares_templates(layout) else [0] * n_rows
-        memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=max(lengths) > 0)
+        templates = _template_tokens([rows[i] for i in group], n_rows) if _shares_templates(layout) else [[]] * n_rows
+        memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=any(templates))
         if memory is None:
             batches = length_batches([padded[i] for i in group], chunk_tokens or 4096)
         else:  # cached prefix tokens per request: its rows' widest part after the shared template
-            prefix = [n_rows * max(s - t for s, t in zip(rows[i].lookup, lengths)) for i in group]
+            prefix = [n_rows * _cached_prefix(rows[i], n_rows, templates) for i in group]
             batches = _memory_batches([padded[i] for i in group], prefix, *memory)
         chunks += [[group[j] for j in batch] for batch in batches]
-        shared += [lengths] * len(batches)
+        shared += [templates] * len(batches)
     log.info("z: %d requests in %d chunks of up to %s (%s), %s layout, templates' keys and values %s", len(rows), len(chunks),
              f"{memory[0] / 2**30:.1f} GiB" if memory else f"{chunk_tokens or 4096} padded suffix tokens",
              "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"),
-             "shared" if any(max(t) for t in shared) else "per row")
+             "shared" if any(map(any, shared)) else "per row")
 
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
-    for chunk, lengths in zip(chunks, shared):
-        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], lengths, hparams, bar, cuda_graphs)
+    for chunk, templates in zip(chunks, shared):
+        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], templates, hparams, bar, cuda_graphs)
         if steps_out is not None:
             steps_out[chunk] = steps.cpu()
     bar.close()
@@ -261,9 +278,9 @@ def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_su
     return int(budget / (per_suffix + prefix_per_suffix * per_prefix))
 
 
-def _optimise_chunk(model, layout, tok, rows: list[RequestRows], lengths: list[int], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk; lengths: per row index, the
-    template tokens every row of that index starts with (`_template_lengths`; all 0: per-row cache)."""
+def _optimise_chunk(model, layout, tok, rows: list[RequestRows], templates: list[list[int]], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk; templates: per row index,
+    the shared template tokens (`_template_tokens`); the per-row cache where no row starts with them."""
     device = model_device(model)
     B, n_t = len(rows), len(rows[0].target_start)
     kl_row = 0 if rows[0].kl_in_bare else n_t  # shortcut 5 (a chunk's requests agree: compute_targets)
@@ -272,9 +289,9 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], lengths: list[i
     c = _make_chunk(rows, n_rows, pad_id(tok), device)
     # Once: the prefix cache and block L's output over the suffix, no gradients; the context
     # templates' keys and values once per chunk where the layout can (shortcut 1).
-    if max(lengths):
-        split = _shared_split(rows, n_rows, lengths, pad_id(tok), device)
-        runner = layout.shared_suffix_runner(*split, c.suffix_ids, c.suffix_pos, L, loss_layer)
+    split = _shared_split(rows, n_rows, templates, pad_id(tok), device) if any(templates) else None
+    if split is not None and split[-1].any():
+        runner = layout.shared_suffix_runner(*split[:4], c.suffix_ids, c.suffix_pos, L, loss_layer, uses=split[4])
     else:
         runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
     h_L = runner.hidden  # (R, S, d)

@@ -2,7 +2,8 @@
 against the per-row prefix cache, CPU float64, every family of tests/test_layouts.py: the same
 block `layer` output over the suffixes, the same forward from it (blocks layer+1..stop), and the
 same after the batch shrinks to fewer requests; templates padded to different lengths (one with
-no tokens), own prefixes of different lengths (some empty), sliding windows shorter than the rows.
+no tokens), own prefixes of different lengths (some empty), rows that do not read their template
+(their own prefix is their whole prefix), sliding windows shorter than the rows.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from test_layouts import NAMES, _assert_close, _layout, _pad, _rows, _rtol
 TEMPLATE_LENGTHS = [0, 4, 2]  # n = 3 templates, padded to 4; template 0 has no tokens (no BOS)
 OWN_LENGTHS = [[2, 0, 3], [1, 4, 0], [0, 2, 2]]  # per request, per template
 SUFFIX_LENGTHS = [[3, 1, 2], [2, 2, 4], [1, 3, 3]]
+NOT_USED = {(1, 1), (2, 2)}  # (request, template): rows that do not start with their template's tokens
 
 
 def _batch(seed=0):
     templates = _rows(TEMPLATE_LENGTHS, seed)
     own = [_rows(lengths, seed + 1 + b) for b, lengths in enumerate(OWN_LENGTHS)]
     suffix = [_rows(lengths, seed + 10 + b) for b, lengths in enumerate(SUFFIX_LENGTHS)]
-    rows = [(templates[j], own[b][j], suffix[b][j]) for b in range(len(OWN_LENGTHS)) for j in range(len(templates))]
+    rows = [(templates[j], own[b][j], suffix[b][j], (b, j) not in NOT_USED) for b in range(len(OWN_LENGTHS)) for j in range(len(templates))]
     return templates, rows
 
 
@@ -34,16 +36,18 @@ def _runners(layout, layer, stop):
     templates, rows = _batch()
     template_ids, template_mask = _pad(templates)
     template_mask[[j for j, t in enumerate(templates) if not t]] = 0
-    own_ids, own_mask = _pad([o for _, o, _ in rows])
-    own_mask[[r for r, (_, o, _) in enumerate(rows) if not o]] = 0
-    prefix_ids, prefix_mask = _pad([t + o for t, o, _ in rows])
-    prefix_mask[[r for r, (t, o, _) in enumerate(rows) if not t + o]] = 0
-    suffix_ids, suffix_mask = _pad([s for _, _, s in rows])
-    start = torch.tensor([len(t) + len(o) for t, o, _ in rows])
-    last = start + torch.tensor([len(s) for _, _, s in rows]) - 1
+    own_ids, own_mask = _pad([o for _, o, _, _ in rows])
+    own_mask[[r for r, (_, o, _, _) in enumerate(rows) if not o]] = 0
+    prefix = [t * u + o for t, o, _, u in rows]  # a row that does not use its template: its own prefix only
+    prefix_ids, prefix_mask = _pad(prefix)
+    prefix_mask[[r for r, p in enumerate(prefix) if not p]] = 0
+    suffix_ids, suffix_mask = _pad([s for _, _, s, _ in rows])
+    start = torch.tensor([len(p) for p in prefix])
+    last = start + torch.tensor([len(s) for _, _, s, _ in rows]) - 1
     pos = torch.minimum(start[:, None] + torch.arange(suffix_ids.shape[1]), last[:, None])
     per_row = layout.suffix_runner(prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, layer, stop)
-    shared = layout.shared_suffix_runner(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop)
+    uses = torch.tensor([u for *_, u in rows])
+    shared = layout.shared_suffix_runner(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop, uses=uses)
     return per_row, shared, suffix_mask
 
 

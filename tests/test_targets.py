@@ -170,10 +170,10 @@ def test_shared_template_cache_does_not_change_z(arch, monkeypatch):
     assert _rel(shared, per_row) < 1e-9
 
 
-def test_template_lengths_fall_back_per_row(monkeypatch):
-    """A row that does not start with its template's tokens: that template's rows keep their whole
-    prefix per row (template length 0) and z is unchanged; when no template is shared by every
-    request, the chunk runs the per-row prefix cache."""
+def test_rows_without_their_template_fall_back_per_row(monkeypatch):
+    """A row that does not start with its template's tokens (those of more than half of the
+    requests) keeps its whole prefix per row, and z is unchanged; when no request's rows start
+    with shared tokens, the chunk runs the per-row prefix cache."""
     from memit_fast.layouts import layout_for
     from memit_fast.tokens import EncodedPrompt, EncodedRequest
 
@@ -183,31 +183,35 @@ def test_template_lengths_fall_back_per_row(monkeypatch):
     enc = encode_requests(tok, reqs, flatten(tiny.TEMPLATES), hp.fact_token)
     rows = [targets.build_rows(e) for e in enc]
     assert all(r.kl_in_bare for r in rows)
-    assert targets._template_lengths(rows, 3) == [0, 3, 7]
+    templates = targets._template_tokens(rows, 3)
+    assert [len(t) for t in templates] == [0, 3, 7]
 
-    def first_token(e, templates, token):
-        """e with the first token of its rows `templates` replaced (the row no longer starts with its template's tokens)."""
-        prompts = [EncodedPrompt([token] + p.ids[1:], p.lookup) if j in templates else p for j, p in enumerate(e.prompts)]
+    def first_token(e, which, token):
+        """e with the first token of its rows `which` replaced (they no longer start with their template's tokens)."""
+        prompts = [EncodedPrompt([token] + p.ids[1:], p.lookup) if j in which else p for j, p in enumerate(e.prompts)]
         return EncodedRequest(prompts, e.kl, e.target)
 
     other = enc[0].prompts[1].ids[0] + 1
-    changed = [enc[0], first_token(enc[1], {2}, other)]
-    assert targets._template_lengths([targets.build_rows(e) for e in changed], 3) == [0, 3, 0]
+    changed = [enc[0], first_token(enc[1], {2}, other), enc[0], enc[1]]  # template 2's tokens: 3 of 4 requests
+    assert targets._template_tokens([targets.build_rows(e) for e in changed], 3) == templates
+    split = targets._shared_split([targets.build_rows(e) for e in changed], 3, templates, 0, "cpu")
+    assert split[-1].tolist() == [False, True, True] + [False, True, False] + [False, True, True] * 2
     layout = layout_for(m, hp)
     calls = _spy_runners(monkeypatch, layout)
     z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
-    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed])  # all shared
-    assert calls == {"shared": 3, "per_row": 0}
-    assert _rel(z, alone) < 1e-9
-    # no template shared by both requests: the per-row prefix cache
+    assert calls == {"shared": 1, "per_row": 0}
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed[:2]])
+    assert _rel(z[:2], alone) < 1e-9
+    monkeypatch.setattr(type(layout), "shared_prefix", True)
+    # no tokens shared by more than half of the requests: the per-row prefix cache
     changed = [enc[0], first_token(enc[1], {1, 2}, other)]
-    assert targets._template_lengths([targets.build_rows(e) for e in changed], 3) == [0, 0, 0]
+    assert targets._template_tokens([targets.build_rows(e) for e in changed], 3) == [[], [], []]
     z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
-    assert calls == {"shared": 3, "per_row": 1}
-    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed])
+    assert calls == {"shared": 1, "per_row": 3}
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    alone = torch.cat([alone[:1], _compute_targets(m, tok, changed[1:], hp, progress=False, layout=layout)])
     assert _rel(z, alone) < 1e-9
-
-
 def test_memory_batches_count_the_cached_prefix():
     """GPU chunking: a chunk's padded suffix (rows x widest suffix) and padded prefix (rows x
     widest cached prefix) bytes stay within the budget; one request at least per chunk."""

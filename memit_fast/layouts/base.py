@@ -323,12 +323,12 @@ class Layout(HeadAccess):
     def suffix_runner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer: int, stop: int) -> "SuffixRunner":
         return SuffixRunner(self, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer, stop)
 
-    def shared_suffix_runner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int):
+    def shared_suffix_runner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int, uses=None):
         """`suffix_runner` with the context templates' keys and values held once per chunk
-        (`shared_prefix.SharedPrefixRunner`; row r = b * n + j starts with template j's tokens)."""
+        (`shared_prefix.SharedPrefixRunner`; row r = b * n + j reads template j where uses[r])."""
         from .shared_prefix import SharedPrefixRunner
 
-        return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop)
+        return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
 
 
 class SuffixRunner:

@@ -63,23 +63,24 @@ class SharedPrefixKV:
 class SharedPrefixCache:
     """Per layer, the n templates' keys and values and the R rows' own prefix keys and values
     (keys in the scores' dtype). Key slots of a row: its template's T (padded), then its own P
-    (padded). template_mask (n, T) and own_mask (R, P): 1 = real token."""
+    (padded). template_mask (n, T) and own_mask (R, P): 1 = real token; uses (R,) bool: the row
+    reads its template (else its own prefix is its whole prefix)."""
 
-    def __init__(self, template: dict, template_mask: torch.Tensor, own: dict, own_mask: torch.Tensor):
-        self.template, self.template_mask, self.own, self.own_mask = template, template_mask, own, own_mask
+    def __init__(self, template: dict, template_mask: torch.Tensor, own: dict, own_mask: torch.Tensor, uses: torch.Tensor):
+        self.template, self.template_mask, self.own, self.own_mask, self.uses = template, template_mask, own, own_mask, uses
         self.n = template_mask.shape[0]
         self.kv = {i: SharedPrefixKV(kv, own.get(i), self.n) for i, kv in template.items()}
 
     @property
     def template_length(self) -> torch.Tensor:
         """(R,) template tokens of each row."""
-        return self.template_mask.sum(1).repeat(self.own_mask.shape[0] // self.n)
+        return self.template_mask.sum(1).repeat(self.own_mask.shape[0] // self.n) * self.uses
 
     @property
     def mask(self) -> torch.Tensor:
         """(R, T + P) the real key slots of each row."""
         R = self.own_mask.shape[0]
-        return torch.cat([self.template_mask.repeat(R // self.n, 1), self.own_mask], dim=1)
+        return torch.cat([self.template_mask.repeat(R // self.n, 1) * self.uses[:, None], self.own_mask], dim=1)
 
     @property
     def key_positions(self) -> torch.Tensor:
@@ -99,7 +100,7 @@ class SharedPrefixCache:
         if len(rows) % self.n:
             raise ValueError(f"{len(rows)} rows selected, not whole requests of {self.n} rows")
         own = {i: (k[rows.to(k.device)], v[rows.to(v.device)]) for i, (k, v) in self.own.items()}
-        return SharedPrefixCache(self.template, self.template_mask, own, self.own_mask[rows])
+        return SharedPrefixCache(self.template, self.template_mask, own, self.own_mask[rows], self.uses[rows])
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -115,24 +116,26 @@ class SharedPrefixRunner:
     suffixes over both (up to block `layer`); only blocks layer+1..stop of the cache are kept.
 
     template_ids, template_mask (n, T); own_ids, own_mask (R, P) (P may be 0); suffix_ids (R, S)
-    at absolute positions suffix_pos (R, S); row r reads template r % n."""
+    at absolute positions suffix_pos (R, S); row r reads template r % n where uses[r] (R,) bool
+    (default: every row)."""
 
-    def __init__(self, layout, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int):
+    def __init__(self, layout, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int, uses=None):
         self.layout, self.layer, self.stop = layout, layer, stop
         n, R, P = template_ids.shape[0], own_ids.shape[0], own_ids.shape[1]
         if R % n:
             raise ValueError(f"{R} rows are not whole requests of {n} templates")
+        uses = torch.ones(R, dtype=torch.bool, device=own_ids.device) if uses is None else uses.bool()
         with torch.no_grad():
             t = layout.prefix_cache(template_ids, template_mask, stop + 1)
             template = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in t.kv.items()}
-            cache = SharedPrefixCache(template, template_mask, {}, own_mask[:, :0])
+            cache = SharedPrefixCache(template, template_mask, {}, own_mask[:, :0], uses)
             if P:  # own prefix tokens after the template; a padded slot repeats its row's last position
                 t_len = cache.template_length
                 last = t_len + (own_mask.sum(1) - 1).clamp(min=0)
                 own_pos = torch.minimum(t_len[:, None] + torch.arange(P, device=own_ids.device), last[:, None])
                 own_h = layout.embed(own_ids, own_pos)
                 own_ctx = layout.context(own_h, own_pos, cache.mask, prefix_positions=cache.key_positions)
-            full = SharedPrefixCache(template, template_mask, {}, own_mask)  # the key slots' layout
+            full = SharedPrefixCache(template, template_mask, {}, own_mask, uses)  # the key slots' layout
             h = layout.embed(suffix_ids, suffix_pos)
             ctx = layout.context(h, suffix_pos, full.mask, prefix_positions=full.key_positions)
             own = {}
@@ -144,7 +147,7 @@ class SharedPrefixRunner:
                     h = layout.block(i, h, ctx, SharedPrefixKV(template[i], own.pop(i, None), n))
             self.hidden = h.to(suffix_ids.device)
         kept = range(layer + 1, stop + 1)
-        self.cache = SharedPrefixCache({i: template[i] for i in kept}, template_mask, own, own_mask)
+        self.cache = SharedPrefixCache({i: template[i] for i in kept}, template_mask, own, own_mask, uses)
         self.positions = suffix_pos
         self.ctx = ctx
 
