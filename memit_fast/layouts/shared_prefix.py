@@ -32,19 +32,21 @@ def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) ->
     B, M = R // n, H // H_kv * S
     f = score_dtype(q.dtype)
     qg = q.reshape(R, H_kv, M, hd).to(f)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
-    # template j's queries of all B requests in one product: (n, H_kv, B * M, h_d) @ (n, H_kv, h_d, T)
+    # template j's queries of all B requests in one product: (n, H_kv, B * M, h_d) @ (n, H_kv, h_d, T);
+    # its scores and outputs are read back as (B, n, ...) views (no copy: cat and add take them)
     q_t = qg.view(B, n, H_kv, M, hd).permute(1, 2, 0, 3, 4).reshape(n, H_kv, B * M, hd)
-    s_t = (q_t @ template[0].to(f).transpose(-1, -2)).view(n, H_kv, B, M, T).permute(2, 0, 1, 3, 4).reshape(R, H_kv, M, T)
-    parts = [s_t] + ([qg @ own[0].to(f).transpose(-1, -2)] if P else []) + [qg @ k.to(f).transpose(-1, -2)]
+    s_t = (q_t @ template[0].to(f).transpose(-1, -2)).view(n, H_kv, B, M, T).permute(2, 0, 1, 3, 4)
+    parts = [s_t] + ([(qg @ own[0].to(f).transpose(-1, -2)).view(B, n, H_kv, M, P)] if P else [])
+    parts.append((qg @ k.to(f).transpose(-1, -2)).view(B, n, H_kv, M, S))
     scores = torch.cat(parts, dim=-1).view(R, H_kv, H // H_kv, S, T + P + S)
     scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
     p = scores.softmax(-1).to(v.dtype).view(R, H_kv, M, T + P + S)
     p_t = p[..., :T].reshape(B, n, H_kv, M, T).permute(1, 2, 0, 3, 4).reshape(n, H_kv, B * M, T)
-    o = (p_t @ template[1]).view(n, H_kv, B, M, hd).permute(2, 0, 1, 3, 4).reshape(R, H_kv, M, hd)
-    o = o + p[..., T + P :] @ v
+    o = p[..., T + P :] @ v
     if P:
         o = o + p[..., T : T + P] @ own[1]
-    return o.view(R, H, S, hd)
+    o = o.view(B, n, H_kv, M, hd) + (p_t @ template[1]).view(n, H_kv, B, M, hd).permute(2, 0, 1, 3, 4)
+    return o.reshape(R, H, S, hd)
 
 
 @dataclass
