@@ -184,7 +184,7 @@ def compute_targets(
         if not group:
             continue
         n_rows = len(rows[group[0]].ids) - shortcut
-        # the template tokens all requests of the group share, for every chunk of it (shortcut 1)
+        # the template tokens most requests of the group start with, for every chunk of it (shortcut 1)
         templates = _template_tokens([rows[i] for i in group], n_rows) if _shares_templates(layout) else [[]] * n_rows
         memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=any(templates))
         if memory is None:
@@ -211,7 +211,11 @@ def compute_targets(
     return z
 
 
-Z_MEMORY_CAP = 14 * 2**30  # bytes of z's chunk memory at most (with the prefix counted)
+# bytes of z's chunk memory at most, the cached prefix counted. The cap was 8 GiB of suffix
+# activations alone, with a per-row prefix cache about as large again beside it (benchmarks/NOTES.md,
+# session 3); the shared-template cache is about a quarter of that, so 14 GiB: larger chunks
+# (about 3,300 GPT-J tokens by this estimate) within the old peak.
+Z_MEMORY_CAP = 14 * 2**30
 
 
 def _shares_templates(layout) -> bool:
