@@ -13,10 +13,11 @@ import functools
 import pytest
 import torch
 
+from memit_fast.layouts import FAMILIES, layout_for
 from memit_fast.layouts.base import prefix_attention
 from memit_fast.layouts.shared_prefix import shared_prefix_attention
 
-from test_layouts import NAMES, _assert_close, _layout, _pad, _rows, _rtol
+from test_layouts import CONFIGS, NAMES, _assert_close, _hparams, _layout, _model, _pad, _rows, _rtol
 
 TEMPLATE_LENGTHS = [0, 4, 2]  # n = 3 templates, padded to 4; template 0 has no tokens (no BOS)
 OWN_LENGTHS = [[2, 0, 3], [1, 4, 0], [0, 2, 2]]  # per request, per template
@@ -32,7 +33,7 @@ def _batch(seed=0):
     return templates, rows
 
 
-def _runners(layout, layer, stop):
+def _runners(layout, layer, stop, device="cpu"):
     templates, rows = _batch()
     template_ids, template_mask = _pad(templates)
     template_mask[[j for j, t in enumerate(templates) if not t]] = 0
@@ -45,8 +46,10 @@ def _runners(layout, layer, stop):
     start = torch.tensor([len(p) for p in prefix])
     last = start + torch.tensor([len(s) for _, _, s, _ in rows]) - 1
     pos = torch.minimum(start[:, None] + torch.arange(suffix_ids.shape[1]), last[:, None])
-    per_row = layout.suffix_runner(prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, layer, stop)
     uses = torch.tensor([u for *_, u in rows])
+    prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, template_ids, template_mask, own_ids, own_mask, uses = (
+        t.to(device) for t in (prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, template_ids, template_mask, own_ids, own_mask, uses))
+    per_row = layout.suffix_runner(prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, layer, stop)
     shared = layout.shared_suffix_runner(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop, uses=uses)
     return per_row, shared, suffix_mask
 
@@ -104,3 +107,23 @@ def test_shared_prefix_attention_equals_prefix_attention(heads, kv_heads, dtype,
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < tol, f"{name}: {err:.2e} relative to float64 (tolerance {tol:.0e} for {dtype})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "neox-parallel", "llama-gqa", "mistral-sliding-window"])
+def test_shared_template_cache_in_bfloat16_on_the_gpu(name):
+    """bf16 on the GPU: the shared-template runner's forward is within twice the per-row runner's
+    own bf16 error, both against the per-row runner in float64 over the same (bf16-rounded) weights."""
+    import copy
+
+    model = copy.deepcopy(_model(name)).to("cuda", torch.bfloat16)
+    reference = copy.deepcopy(model).to(torch.float64)
+    layouts = [layout_for(m, _hparams(m)) for m in (model, reference)]
+    assert all(type(lay) is FAMILIES[CONFIGS[name][0]] for lay in layouts)
+    (per_row, shared, mask), (ref, _, _) = (_runners(lay, 0, lay.n_layers - 1, "cuda") for lay in layouts)
+    delta = torch.randn(ref.hidden.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
+    keep = mask.cuda().bool()
+    with torch.no_grad():
+        want = ref.forward(ref.hidden + delta)[keep]
+        errors = [(r.forward(r.hidden + delta.to(r.hidden.dtype)).double()[keep] - want).abs().max().item() for r in (shared, per_row)]
+    assert errors[0] <= 2 * errors[1], f"{name}: shared bf16 error {errors[0]:.3e} > twice the per-row runner's ({errors[1]:.3e})"
