@@ -1,9 +1,15 @@
-"""What bounds z on the GPU: one chunk size at a time, each attention over the cached prefix
-(`split`: layouts.base.prefix_attention, the default; `sdpa`: SDPA over the prefix joined to the
-rows' keys), eager or CUDA-graph steps, TFLOP/s of the z FLOP model, and a torch.profiler table
-of eager steps (CPU time vs CUDA time per op).
+"""What bounds z on the GPU: one chunk size at a time, each prefix cache (`shared`: the context
+templates' keys and values once per chunk and each row's own prefix, layouts/shared_prefix.py,
+the default; `per-row`: every row's whole prefix) and attention over it (`split`:
+layouts.base.prefix_attention, the default; `sdpa`: SDPA over the prefix joined to the rows' keys,
+per-row cache only), eager or CUDA-graph steps, TFLOP/s of the z FLOP model, z's memory (peak
+above the model) and the prefix cache's bytes per chunk, and a torch.profiler table of eager
+steps (CPU time vs CUDA time per op).
 
-    python -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 2048,4096 --attention split,sdpa --steps 6
+    python -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 0,4096 --prefix shared,per-row --steps 6 --profile-rows 0
+
+--chunk-tokens 0 runs compute_targets' default chunking (from free memory, the cached prefix
+counted) over about one default chunk of requests; --tiny runs a tiny model on the CPU (a check).
 """
 
 from __future__ import annotations
@@ -23,53 +29,101 @@ import torch  # noqa: E402
 import synthetic  # noqa: E402
 
 
+def _cache_bytes(cache) -> int:
+    """Bytes of a runner's prefix cache (PrefixCache or SharedPrefixCache) as kept for the steps."""
+    if cache is None:
+        return 0
+    dicts = [cache.template, cache.own] if hasattr(cache, "template") else [cache.kv]
+    return sum(t.numel() * t.element_size() for d in dicts for kv in d.values() for t in kv)
+
+
+def _record_caches(layout, seen: list) -> None:
+    """Wrap the layout's runner builders so each chunk's cache size is appended to `seen`."""
+    for name in ("suffix_runner", "shared_suffix_runner"):
+        build = getattr(type(layout), name)
+
+        def wrapped(*a, build=build, **k):
+            runner = build(layout, *a, **k)
+            seen.append(_cache_bytes(runner.cache))
+            return runner
+
+        setattr(layout, name, wrapped)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
-    ap.add_argument("--chunk-tokens", default="2048,4096", help="comma-separated; 0 for the core's default from free memory")
+    ap.add_argument("--chunk-tokens", default="0,4096", help="comma-separated; 0 for compute_targets' default chunking")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--attention", default="split,sdpa", help="comma-separated: split, sdpa")
+    ap.add_argument("--prefix", default="shared,per-row", help="comma-separated: shared, per-row")
+    ap.add_argument("--attention", default="split", help="comma-separated: split, sdpa (sdpa: per-row prefix only)")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph steps")
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (checks the script, times nothing real)")
     ap.add_argument("--profile-rows", type=int, default=25, help="rows of the profiler table (0: no profile)")
     args = ap.parse_args(argv)
 
     import memit_fast
+    from memit_fast import targets
     from memit_fast.edit_requests import normalize_requests
     from memit_fast.layouts import layout_for
     from memit_fast.targets import compute_targets
     from memit_fast.tokens import encode_requests
 
-    model, _ = synthetic.build_model(args.model, device="cuda")
-    tok = synthetic.load_tokenizer(args.tokenizer)
+    cuda = not args.tiny
+    model, _ = synthetic.build_model(args.model, tiny=args.tiny, device="cuda" if cuda else "cpu")
+    tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
     hp = memit_fast.presets.for_model(model).replace(v_num_grad_steps=args.steps)
     layout = layout_for(model, hp)
-    records = synthetic.load_records()
+    records = synthetic.load_records(fallback_ok=args.tiny)
     flat = [t for g in synthetic.TEMPLATES for t in g]
     print(f"{args.model}: layout {type(layout).__name__}, layers {hp.layers}, loss layer {hp.v_loss_layer}", flush=True)
-    from memit_fast.targets import _default_chunk_tokens
-
-    for ct in [int(x) or _default_chunk_tokens(model, hp) for x in args.chunk_tokens.split(",")]:
+    sizes = []
+    for x in args.chunk_tokens.split(","):
+        if int(x):
+            sizes.append((int(x), int(x)))
+            continue
+        # about one default chunk of the shared cache: its padded prefix tokens per suffix token
+        pool = [targets.build_rows(e) for e in encode_requests(tok, normalize_requests(synthetic.make_requests(records, 400, seed=1)), flat, hp.fact_token)]
+        pool = [r for r in pool if r.kl_in_bare] or pool
+        n_rows = len(pool[0].ids) - pool[0].kl_in_bare
+        templates = targets._template_tokens(pool, n_rows)
+        prefix = sum(n_rows * targets._cached_prefix(r, n_rows, templates) for r in pool)
+        suffix = sum(n_rows * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in pool)
+        sizes.append((None, targets.default_chunk_tokens(model, layout, hp, prefix / suffix)))
+    for asked, ct in sizes:
         n = max(8, ct // 27)  # about one chunk of suffix tokens (27 per GPT-J request on CounterFact)
         reqs = synthetic.make_requests(records, n, seed=1)
         enc = encode_requests(tok, normalize_requests(reqs), flat, hp.fact_token)
         work = synthetic.z_work(model, tok, reqs, hp, synthetic.TEMPLATES, steps=args.steps)
-        for attention, graphs in [(a, g) for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))]:
+        runs = [(p, a, g) for p in args.prefix.split(",") for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))]
+        for prefix, attention, graphs in runs:
+            if prefix == "shared" and attention == "sdpa":
+                continue
+            type(layout).shared_prefix = prefix == "shared"
             type(layout).split_prefix_attention = attention == "split"
-            compute_targets(model, tok, enc[:8], hp.replace(v_num_grad_steps=5), chunk_tokens=ct, progress=False, layout=layout, cuda_graphs=graphs)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            compute_targets(model, tok, enc[:8], hp.replace(v_num_grad_steps=5), chunk_tokens=asked, progress=False, layout=layout, cuda_graphs=graphs)
+            caches: list[int] = []
+            _record_caches(layout, caches)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
-            compute_targets(model, tok, enc, hp, chunk_tokens=ct, progress=False, layout=layout, cuda_graphs=graphs)
-            torch.cuda.synchronize()
+            compute_targets(model, tok, enc, hp, chunk_tokens=asked, progress=False, layout=layout, cuda_graphs=graphs)
+            if cuda:
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-            print(f"chunk {ct:5d} tokens, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens: {attention:5} graphs={graphs!s:5}  "
+            for name in ("suffix_runner", "shared_suffix_runner"):
+                delattr(layout, name)
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+            label = f"chunk {'default' if asked is None else asked:>7} ({ct:5d} tokens)"
+            print(f"{label}, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens, {len(caches)} chunk(s): {prefix:7} {attention:5} graphs={graphs!s:5}  "
                   f"{dt / args.steps * 1e3:7.1f} ms/step  {work.flops / dt / 1e12:6.1f} TFLOP/s  z memory {extra:5.2f} GiB "
-                  f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token)", flush=True)
-    type(layout).split_prefix_attention = True
-    if args.profile_rows:
+                  f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token), prefix cache {max(caches) / 2**30:5.2f} GiB per chunk",
+                  flush=True)
+    type(layout).shared_prefix = type(layout).split_prefix_attention = True
+    if args.profile_rows and cuda:
         from torch.profiler import ProfilerActivity, profile
 
         reqs = synthetic.make_requests(records, 2048 // 27, seed=2)
@@ -79,8 +133,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         events = prof.key_averages()
         cpu = sum(e.self_cpu_time_total for e in events) / 1e3
-        cuda = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e3
-        print(f"profile of 3 eager steps: self CPU {cpu:.1f} ms, self CUDA {cuda:.1f} ms, launches {sum(e.count for e in events if e.key.startswith('cuda') and 'Launch' in e.key)}")
+        cuda_ms = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e3
+        print(f"profile of 3 eager steps: self CPU {cpu:.1f} ms, self CUDA {cuda_ms:.1f} ms, launches {sum(e.count for e in events if e.key.startswith('cuda') and 'Launch' in e.key)}")
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
     return 0
 

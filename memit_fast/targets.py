@@ -3,6 +3,8 @@
 
 1. each prompt is split at the subject's last token s: the prefix [0, s) never changes during the
    optimisation, so its attention keys/values are computed once, per layer (`layouts.PrefixCache`);
+   the context template's own tokens, the same in every request, once per chunk and template
+   (`layouts.shared_prefix`, family layouts), each row keeping only the tokens after them;
 2. layers 0..L run once, without gradients, over the suffix [s, end); each step runs only layers
    L+1..v_loss_layer over the suffix, on top of the cached prefix (`layouts.SuffixRunner`);
 3. the vocabulary projection is taken at the target positions and the KL position only;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +104,52 @@ def _make_chunk(rows: list[RequestRows], n_rows: int, pad: int, device) -> _Chun
     return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device), target_ids.to(device), target_mask.to(device))
 
 
+def _template_tokens(rows: list[RequestRows], n_rows: int) -> list[list[int]]:
+    """Per row index j < n_rows, the tokens that row j of most requests (more than half) starts
+    with, before its subject's last token: the context template's own tokens, whose keys and
+    values are the same in every request that starts with them (shortcut 1's shared part)."""
+    out = []
+    for j in range(n_rows):
+        alive, tokens = [r.ids[j][: r.lookup[j]] for r in rows], []
+        while True:
+            t = len(tokens)
+            heads = Counter(ids[t] for ids in alive if len(ids) > t)
+            if not heads or 2 * heads.most_common(1)[0][1] <= len(rows):
+                break
+            tokens.append(heads.most_common(1)[0][0])
+            alive = [ids for ids in alive if len(ids) > t and ids[t] == tokens[t]]
+        out.append(tokens)
+    return out
+
+
+def _uses_template(ids: list[int], s: int, template: list[int]) -> bool:
+    """The row (ids, subject's last token at s) starts with its template's tokens (not empty)."""
+    return 0 < len(template) <= s and ids[: len(template)] == template
+
+
+def _cached_prefix(r: RequestRows, n_rows: int, templates: list[list[int]]) -> int:
+    """The widest prefix that request r's rows cache: the part after the shared template tokens
+    where a row starts with them, else the whole prefix [0, s)."""
+    return max(s - len(t) * _uses_template(ids, s, t) for ids, s, t in zip(r.ids[:n_rows], r.lookup, templates))
+
+
+def _shared_split(rows: list[RequestRows], n_rows: int, templates: list[list[int]], pad: int, device):
+    """(template_ids, template_mask (n_rows, T), own_ids, own_mask (R, P), uses (R,) bool) of the
+    prefixes [0, s): a row that starts with its template's tokens keeps the rest of its prefix
+    (uses True), any other row its whole prefix; rows request-major as in `_make_chunk`."""
+    each = [(ids, s, t) for r in rows for ids, s, t in zip(r.ids[:n_rows], r.lookup, templates)]
+    uses = [_uses_template(ids, s, t) for ids, s, t in each]
+    own = [ids[len(t) if u else 0 : s] for u, (ids, s, t) in zip(uses, each)]
+    template_ids, template_mask = pad_right([t or [pad] for t in templates], pad, device)
+    template_mask[[j for j, t in enumerate(templates) if not t]] = 0
+    if max(map(len, own)):
+        own_ids, own_mask = pad_right([o or [pad] for o in own], pad, device)
+        own_mask[[i for i, o in enumerate(own) if not o]] = 0
+    else:
+        own_ids = own_mask = torch.zeros(len(own), 0, dtype=torch.long, device=device)
+    return template_ids, template_mask, own_ids, own_mask, torch.tensor(uses, device=device)
+
+
 def compute_targets(
     model,
     tok,
@@ -123,22 +172,37 @@ def compute_targets(
     (the early-stop loss, or v_num_grad_steps - 1)."""
     layout = layout or layout_for(model, hparams)
     rows = [build_rows(r) for r in requests]
-    # Chunks of requests with similar suffix lengths, each about chunk_tokens suffix tokens.
-    budget = chunk_tokens or _default_chunk_tokens(model, hparams)
+    # Chunks of requests with similar suffix lengths: about chunk_tokens padded suffix tokens each
+    # when asked (4096 off the GPU), else as many as the GPU memory estimate allows, the cached
+    # prefix counted (_chunk_memory).
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
     # requests whose KL row is read from the bare row (shortcut 5) are chunked apart from the
     # others, so each request is computed the same way whichever requests share its chunk
-    chunks = []
+    chunks, shared, memory = [], [], None
     for shortcut in (True, False):
         group = [i for i, r in enumerate(rows) if r.kl_in_bare == shortcut]
-        chunks += [[group[j] for j in batch] for batch in length_batches([padded[i] for i in group], budget)]
-    log.info("z: %d requests in %d chunks of up to %d padded suffix tokens (%s), %s layout", len(rows), len(chunks), budget,
-             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"))
+        if not group:
+            continue
+        n_rows = len(rows[group[0]].ids) - shortcut
+        # the template tokens most requests of the group start with, for every chunk of it (shortcut 1)
+        templates = _template_tokens([rows[i] for i in group], n_rows) if _shares_templates(layout) else [[]] * n_rows
+        memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=any(templates))
+        if memory is None:
+            batches = length_batches([padded[i] for i in group], chunk_tokens or 4096)
+        else:  # cached prefix tokens per request: its rows' widest part after the shared template
+            prefix = [n_rows * _cached_prefix(rows[i], n_rows, templates) for i in group]
+            batches = _memory_batches([padded[i] for i in group], prefix, *memory)
+        chunks += [[group[j] for j in batch] for batch in batches]
+        shared += [templates] * len(batches)
+    log.info("z: %d requests in %d chunks of up to %s (%s), %s layout, templates' keys and values %s", len(rows), len(chunks),
+             f"{memory[0] / 2**30:.1f} GiB" if memory else f"{chunk_tokens or 4096} padded suffix tokens",
+             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"),
+             "shared" if any(map(any, shared)) else "per row")
 
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
-    for chunk in chunks:
-        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], hparams, bar, cuda_graphs)
+    for chunk, templates in zip(chunks, shared):
+        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], templates, hparams, bar, cuda_graphs)
         if steps_out is not None:
             steps_out[chunk] = steps.cpu()
     bar.close()
@@ -147,36 +211,93 @@ def compute_targets(
     return z
 
 
-def _default_chunk_tokens(model, hparams: MEMITHyperParams) -> int:
-    """Suffix tokens per chunk when the run configuration sets none, from a memory estimate: per suffix
-    token, the activations kept for the backward pass of blocks L+1..v_loss_layer (about
-    10 d + 3 d_ff elements per block: measured 3.1 MiB per token for GPT-J in bf16 on an H200,
-    where the formula gives 3.5) and the target logits. The chunk's share is at most 30% of the
-    free memory and 8 GiB (about 2,200 GPT-J tokens: the chunk size of the 5,000-edit run at
-    270 TFLOP/s; 4,488-token chunks measured no faster)."""
+# bytes of z's chunk memory at most, the cached prefix counted. The cap was 8 GiB of suffix
+# activations alone, with a per-row prefix cache about as large again beside it (benchmarks/NOTES.md,
+# session 3); the shared-template cache is about a quarter of that, so 14 GiB: larger chunks
+# (about 3,300 GPT-J tokens by this estimate) within the old peak.
+Z_MEMORY_CAP = 14 * 2**30
+
+
+def _shares_templates(layout) -> bool:
+    """The layout holds the context templates' keys and values once per chunk (shortcut 1)."""
+    return getattr(layout, "shared_prefix", False) and hasattr(layout, "shared_suffix_runner")
+
+
+def _chunk_memory(model, layout, hparams: MEMITHyperParams, shared: bool) -> tuple[float, float, float] | None:
+    """(budget, bytes per padded suffix token, bytes per padded cached prefix token) of a z chunk
+    on the GPU, None elsewhere. Per suffix token: the activations kept for the backward pass of
+    blocks L+1..v_loss_layer (about 10 d + 3 d_ff elements per block: measured 3.1 MiB per token
+    for GPT-J in bf16 on an H200, where the formula gives 3.5) and the target logits. Per prefix
+    token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
+    for the shared-template runner (shared: it drops blocks 0..L as it goes), 0..v_loss_layer for
+    the per-row cache (held while it is built), every block for the generic layout.
+    The budget is 30% of the free memory and Z_MEMORY_CAP at most."""
     device = model_device(model)
     if device.type != "cuda":
-        return 4096
+        return None
     config = model.config
     d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     elem = next(model.parameters()).element_size()
-    layers_run = max(hparams.v_loss_layer - hparams.layers[-1], 1)
-    per_token = layers_run * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
+    L, stop = hparams.layers[-1], hparams.v_loss_layer
+    per_suffix = max(stop - L, 1) * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
+    kv_width = getattr(layout, "n_kv_heads", None) and layout.n_kv_heads * layout.head_dim
+    if kv_width:
+        cached = stop - L if shared else stop + 1
+    else:
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
+        cached = getattr(config, "num_hidden_layers", None) or config.n_layer
+    per_prefix = cached * kv_width * (max(elem, 4) + elem)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1024, min(0.3 * free, 8 * 2**30) / per_token))
+    return min(0.3 * free, Z_MEMORY_CAP), per_suffix, per_prefix
 
 
-def _optimise_chunk(model, layout, tok, rows: list[RequestRows], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk."""
+def _memory_batches(suffix: list[int], prefix: list[int], budget: float, per_suffix: float, per_prefix: float) -> list[list[int]]:
+    """Indices grouped by suffix tokens longest first, each group's padded suffix (rows x widest
+    suffix) and padded prefix (rows x widest prefix) within `budget` bytes (one request at least).
+    suffix, prefix: per request, its rows times its widest suffix / cached prefix."""
+    order = sorted(range(len(suffix)), key=lambda i: suffix[i], reverse=True)
+    batches: list[list[int]] = []
+    widest = 0
+    for i in order:
+        if batches:
+            n = len(batches[-1]) + 1
+            if n * (suffix[batches[-1][0]] * per_suffix + max(widest, prefix[i]) * per_prefix) <= budget:
+                batches[-1].append(i)
+                widest = max(widest, prefix[i])
+                continue
+        batches.append([i])
+        widest = prefix[i]
+    return batches
+
+
+def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:
+    """The padded suffix tokens of a default GPU chunk whose rows cache `prefix_per_suffix` prefix
+    tokens per suffix token (for benchmarks; compute_targets chunks by `_memory_batches`)."""
+    memory = _chunk_memory(model, layout, hparams, _shares_templates(layout))
+    if memory is None:
+        return 4096
+    budget, per_suffix, per_prefix = memory
+    return int(budget / (per_suffix + prefix_per_suffix * per_prefix))
+
+
+def _optimise_chunk(model, layout, tok, rows: list[RequestRows], templates: list[list[int]], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (B, d_model), Adam steps taken per request (B,)) of one chunk; templates: per row index,
+    the shared template tokens (`_template_tokens`); the per-row cache where no row starts with them."""
     device = model_device(model)
     B, n_t = len(rows), len(rows[0].target_start)
     kl_row = 0 if rows[0].kl_in_bare else n_t  # shortcut 5 (a chunk's requests agree: compute_targets)
     n_rows = n_t + (kl_row == n_t)
     L, loss_layer = hp.layers[-1], hp.v_loss_layer
     c = _make_chunk(rows, n_rows, pad_id(tok), device)
-    # Once: the prefix cache and block L's output over the suffix, no gradients.
-    runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
+    # Once: the prefix cache and block L's output over the suffix, no gradients; the context
+    # templates' keys and values once per chunk where the layout can (shortcut 1).
+    split = _shared_split(rows, n_rows, templates, pad_id(tok), device) if any(templates) else None
+    if split is not None and split[-1].any():
+        runner = layout.shared_suffix_runner(*split[:4], c.suffix_ids, c.suffix_pos, L, loss_layer, uses=split[4])
+    else:
+        runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
     h_L = runner.hidden  # (R, S, d)
 
     # delta and z in float32 as the original (float64 for a float64 model); bare template first.

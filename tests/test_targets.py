@@ -133,3 +133,112 @@ def test_kl_row_read_from_the_bare_row(monkeypatch):
     monkeypatch.setattr(targets, "build_rows", without)
     without_shortcut = torch.cat([_compute_targets(m, tok, [e], hp, progress=False) for e in enc])
     assert _rel(with_shortcut, without_shortcut) < 1e-9
+
+
+def _spy_runners(monkeypatch, layout):
+    """Count the layout's shared-template and per-row runner builds."""
+    calls = {"shared": 0, "per_row": 0}
+    for name, key in (("shared_suffix_runner", "shared"), ("suffix_runner", "per_row")):
+        method = getattr(layout, name)
+
+        def counted(*a, method=method, key=key, **k):
+            calls[key] += 1
+            return method(*a, **k)
+
+        monkeypatch.setattr(layout, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_shared_template_cache_does_not_change_z(arch, monkeypatch):
+    """Shortcut 1's shared part: the context templates' keys and values held once per chunk give
+    the z of the per-row prefix cache (float64), early stops (the batch shrinking) included."""
+    from memit_fast.layouts import layout_for
+
+    m, tok = tiny.model(arch), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=8)
+    reqs = normalize_requests(tiny.REQUESTS)
+    layout = layout_for(m, hp)
+    calls = _spy_runners(monkeypatch, layout)
+    first = [_step0_loss(m, tok, r, hp) for r in reqs]
+    monkeypatch.setattr(targets, "STOP_LOSS", sorted(first)[1] + 1e-6)  # some stop at once, the others go on
+    shared = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
+    assert calls == {"shared": 2, "per_row": 0}  # one chunk per KL-row group
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    per_row = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
+    assert calls == {"shared": 2, "per_row": 2}
+    assert _rel(shared, per_row) < 1e-9
+
+
+def test_rows_without_their_template_fall_back_per_row(monkeypatch):
+    """A row that does not start with its template's tokens (those of more than half of the
+    requests) keeps its whole prefix per row, and z is unchanged; when no request's rows start
+    with shared tokens, the chunk runs the per-row prefix cache."""
+    from memit_fast.layouts import layout_for
+    from memit_fast.tokens import EncodedPrompt, EncodedRequest
+
+    m, tok = tiny.model("llama"), tiny.tokenizer()
+    hp = tiny.hparams(m)
+    reqs = normalize_requests(tiny.REQUESTS)[::2]  # two requests whose KL rows are read from the bare row
+    enc = encode_requests(tok, reqs, flatten(tiny.TEMPLATES), hp.fact_token)
+    rows = [targets.build_rows(e) for e in enc]
+    assert all(r.kl_in_bare for r in rows)
+    templates = targets._template_tokens(rows, 3)
+    assert [len(t) for t in templates] == [0, 3, 7]
+
+    def first_token(e, which, token):
+        """e with the first token of its rows `which` replaced (they no longer start with their template's tokens)."""
+        prompts = [EncodedPrompt([token] + p.ids[1:], p.lookup) if j in which else p for j, p in enumerate(e.prompts)]
+        return EncodedRequest(prompts, e.kl, e.target)
+
+    other = enc[0].prompts[1].ids[0] + 1
+    changed = [enc[0], first_token(enc[1], {2}, other), enc[0], enc[1]]  # template 2's tokens: 3 of 4 requests
+    assert targets._template_tokens([targets.build_rows(e) for e in changed], 3) == templates
+    split = targets._shared_split([targets.build_rows(e) for e in changed], 3, templates, 0, "cpu")
+    assert split[-1].tolist() == [False, True, True] + [False, True, False] + [False, True, True] * 2
+    layout = layout_for(m, hp)
+    calls = _spy_runners(monkeypatch, layout)
+    z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
+    assert calls == {"shared": 1, "per_row": 0}
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed[:2]])
+    assert _rel(z[:2], alone) < 1e-9
+    monkeypatch.setattr(type(layout), "shared_prefix", True)
+    # no tokens shared by more than half of the requests: the per-row prefix cache
+    changed = [enc[0], first_token(enc[1], {1, 2}, other)]
+    assert targets._template_tokens([targets.build_rows(e) for e in changed], 3) == [[], [], []]
+    z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
+    assert calls == {"shared": 1, "per_row": 3}
+    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    alone = torch.cat([alone[:1], _compute_targets(m, tok, changed[1:], hp, progress=False, layout=layout)])
+    assert _rel(z, alone) < 1e-9
+def test_memory_batches_count_the_cached_prefix():
+    """GPU chunking: a chunk's padded suffix (rows x widest suffix) and padded prefix (rows x
+    widest cached prefix) bytes stay within the budget; one request at least per chunk."""
+    suffix, prefix = [30, 20, 20, 10, 10], [5, 40, 5, 5, 5]
+    # suffix only: 2 x 30 = 60 <= 60, then 20 x 3 = 60
+    assert targets._memory_batches(suffix, prefix, 60, 1.0, 0.0) == [[0, 1], [2, 3, 4]]
+    # the prefix counted: {0, 1} would be 2 x (30 + 40) = 140 > 100; {1, 2, 3} 3 x (20 + 40) = 180 > 130
+    assert targets._memory_batches(suffix, prefix, 130, 1.0, 1.0) == [[0], [1, 2], [3, 4]]
+    assert targets._memory_batches(suffix, prefix, 1, 1.0, 1.0) == [[0], [1], [2], [3], [4]]
+
+
+def test_default_gpu_chunking_counts_the_prefix(monkeypatch):
+    """compute_targets' default chunking (the GPU's, forced here) sizes chunks by suffix and
+    cached prefix bytes: with the prefix dear, more chunks; z the same either way."""
+    m, tok = tiny.model("gpt2"), tiny.tokenizer()
+    hp = tiny.hparams(m, v_num_grad_steps=3)
+    reqs = normalize_requests(tiny.REQUESTS * 4)
+    seen = []
+    optimise = targets._optimise_chunk
+    monkeypatch.setattr(targets, "_optimise_chunk", lambda m, l, t, rows, *a: seen.append(len(rows)) or optimise(m, l, t, rows, *a))
+    z = {}
+    for per_prefix in (0.0, 10.0):
+        seen.clear()
+        monkeypatch.setattr(targets, "_chunk_memory", lambda *a, per_prefix=per_prefix, **k: (300.0, 1.0, per_prefix))
+        z[per_prefix] = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
+        counts = list(seen)
+        if per_prefix == 0:
+            free = counts
+    assert sum(free) == sum(counts) == len(reqs) and len(counts) > len(free)
+    assert _rel(z[10.0], z[0.0]) < 1e-9

@@ -137,6 +137,9 @@ class Layout(HeadAccess):
     # attention over a cached prefix by `prefix_attention` (True), or by SDPA after joining the
     # prefix's keys and values to the rows' own (False: kept for benchmarks/z_probe.py's comparison)
     split_prefix_attention = True
+    # z's prefix cache holds each context template once per chunk (`shared_suffix_runner`) (True),
+    # or every row's whole prefix (False: kept for benchmarks/z_probe.py's comparison)
+    shared_prefix = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -191,9 +194,10 @@ class Layout(HeadAccess):
         return self.lm_head(self.final_norm(h))
 
     # ---- one block ----
-    def context(self, h: torch.Tensor, positions: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> Context:
+    def context(self, h: torch.Tensor, positions: torch.Tensor, prefix_mask: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None) -> Context:
         """Attention inputs for rows of hidden states h (B, S, d) at `positions` (B, S), after an
-        optional prefix (mask (B, P))."""
+        optional prefix (mask (B, P)) whose key slots sit at `prefix_positions` (B, P) (default
+        0..P-1: the real tokens first; only sliding windows read them)."""
         (B, S), P = positions.shape, 0 if prefix_mask is None else prefix_mask.shape[1]
         causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril().expand(B, 1, S, S)
         mask = None
@@ -203,7 +207,8 @@ class Layout(HeadAccess):
         # positions run on from the prefix's real tokens, so no key is P + S or more positions back
         for w in {self.window(i) for i in range(self.n_layers)} - {None}:
             if P + S > w:
-                keys = torch.cat([torch.arange(P, device=positions.device).expand(B, P), positions], dim=1)
+                before = torch.arange(P, device=positions.device).expand(B, P) if prefix_positions is None else prefix_positions
+                keys = torch.cat([before, positions], dim=1)
                 near = (positions[:, :, None] - keys[:, None, :]) < w
                 windowed[w] = (causal if mask is None else mask) & near[:, None]
         return Context(positions, mask, self.rope(h, positions), windowed)
@@ -213,6 +218,8 @@ class Layout(HeadAccess):
         q, k, v = self.qkv(i, x, ctx.rope)
         kv = (k, v)
         mask = ctx.windowed.get(self.window(i), ctx.mask)
+        if hasattr(past, "attend"):  # a cache with its own attention (shared_prefix.SharedPrefixKV)
+            return self.attn_out(i, past.attend(q, k, v, mask, self.attn_scale(i)).transpose(1, 2).flatten(2)), kv
         if past is not None and self.split_prefix_attention:
             o = prefix_attention(q, k, v, past, mask, self.attn_scale(i))
             return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
@@ -315,6 +322,13 @@ class Layout(HeadAccess):
 
     def suffix_runner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer: int, stop: int) -> "SuffixRunner":
         return SuffixRunner(self, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer, stop)
+
+    def shared_suffix_runner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int, uses=None):
+        """`suffix_runner` with the context templates' keys and values held once per chunk
+        (`shared_prefix.SharedPrefixRunner`; row r = b * n + j reads template j where uses[r])."""
+        from .shared_prefix import SharedPrefixRunner
+
+        return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
 
 
 class SuffixRunner:
