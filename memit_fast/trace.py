@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .layouts import Layout, layout_for
 from .model_access import block_output, get_module, hooks, model_device, with_block_output
 from .tokens import encode_prompts, encode_target, pad_id
@@ -212,14 +212,13 @@ def causal_trace(model, tok, facts, hparams=None, *, samples: int = 10, noise: f
     from .presets import for_model
 
     if mode not in ("fast", "reference"):
-        raise ValueError(f"mode must be 'fast' or 'reference', got {mode!r}")
+        raise ConfigError(f"mode must be 'fast' or 'reference', got {mode!r}")
     if answer not in ("given", "model"):
-        raise ValueError(f"answer must be 'given' or 'model', got {answer!r}")
-    if samples < 1 or window < 1 or noise < 0:
-        raise ValueError("samples and window must be >= 1 and noise >= 0")
-    bad = set(kinds) - set(KINDS)
-    if bad or not kinds:
-        raise ValueError(f"kinds must be some of {KINDS}, got {kinds}")
+        raise ConfigError(f"answer must be 'given' or 'model', got {answer!r}")
+    if samples < 1 or window < 1 or not noise >= 0 or (noise_std is not None and not noise_std > 0):
+        raise ConfigError(f"need samples >= 1 (got {samples}), window >= 1 (got {window}), noise >= 0 (got {noise}) and noise_std > 0 (got {noise_std})")
+    if not kinds or set(kinds) - set(KINDS):
+        raise ConfigError(f"kinds must be some of {KINDS}, got {kinds}")
     facts = read_facts(facts) if facts and isinstance(facts[0], dict) else list(facts)
     hparams = hparams or for_model(model)
     layout = layout_for(model, hparams, generic=generic)
