@@ -36,7 +36,7 @@ def _sync():
 def speed(args) -> list[dict]:
     from memit_fast.model_access import model_device
     from memit_fast.presets import for_model
-    from memit_fast.trace import KINDS, _noise, _prepare, _reference_run, _window, causal_trace, noise_std_of, read_facts
+    from memit_fast.trace import KINDS, _noise, _prepare, _reference_run, _window, causal_trace, read_facts
 
     tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
     model, build_s = synthetic.build_model(args.model, tiny=args.tiny)

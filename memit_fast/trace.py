@@ -20,16 +20,16 @@ HF modules) and is the check and the speed baseline of the fast mode.
 from __future__ import annotations
 
 import logging
-import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError, RequestError
 from .layouts import Layout, layout_for
 from .model_access import block_output, get_module, hooks, model_device, with_block_output
-from .tokens import encode_prompts, encode_target, pad_id
+from .tokens import encode_prompts, encode_target, pad_id, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +227,17 @@ def causal_trace(model, tok, facts, hparams=None, *, samples: int = 10, noise: f
     start = time.perf_counter()
     prepared, skipped = _prepare(tok, facts)
     std = noise_std if noise_std is not None else (noise * noise_std_of(model, prepared) if prepared else 0.0)
+    log.info("tracing %d facts (%d skipped): noise std %.4g, %d samples, window %d, %s mode", len(prepared), len(skipped), std, samples, window, mode)
     settings = dict(samples=samples, noise=noise, window=window, answer=answer, kinds=list(kinds), seed=seed, mode=mode,
                     batch_tokens=batch_tokens, layout=type(layout).__name__)
     result = TraceResult([], skipped, layout.n_layers, std, settings, kinds=tuple(kinds))
-    # groups of facts of similar length, each small enough that its recorded states fit
+    # groups of facts of similar length, each small enough that its recorded states fit, taken in
+    # a seeded random order (a time limit then leaves no length out on purpose)
     prepared.sort(key=lambda p: len(p.ids))
-    group_size = 1 if mode == "reference" else max(1, batch_tokens // (4 * samples * max(len(p.ids) for p in prepared))) if prepared else 1
+    longest = max((len(p.ids) for p in prepared), default=1)
+    group_size = 1 if mode == "reference" else min(16, max(1, batch_tokens // (4 * samples * longest)))
     groups = [prepared[i:i + group_size] for i in range(0, len(prepared), group_size)]
+    random.Random(seed).shuffle(groups)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prepared), desc="tracing", unit="fact", disable=not progress)
@@ -298,7 +302,7 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
     every restoration of every fact as rows of a few batched forwards."""
     device, L = model_device(model), layout.n_layers
     family = isinstance(layout, Layout)
-    ids, _ = _pad([p.ids for p in group], pad_id(tok), device)
+    ids, _ = pad_right([p.ids for p in group], pad_id(tok), device)
     last = torch.tensor([len(p.ids) - 1 for p in group], device=device)
     clean_logits, clean = layout.patched_forward(ids, last, record=True)
     answer_ids, kept, dropped = _check_answers(tok, group, clean_logits, answer)
@@ -379,12 +383,6 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
             scores[k][t_[sel], l_[sel]] = total[sel]
         traces.append(_make_trace(tok, p, answer_ids[f], float(p_clean[f]), float(p_corr[f]), scores))
     return traces, dropped
-
-
-def _pad(rows, pad, device):
-    from .tokens import pad_right
-
-    return pad_right(rows, pad, device)
 
 
 # ---- the original notebook's structure: one restoration per forward, hooks on HF modules ----

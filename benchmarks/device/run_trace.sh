@@ -3,11 +3,11 @@
 # Causal tracing (issue 13, docs/tracing.md):
 #  1. `memit-fast trace` over all 1,209 known facts on the default model (bfloat16, 10 noise
 #     samples, the facts whose attribute the model predicts): average heatmaps + suggested layers;
-#  2. CounterFact-250 edited all at once with the suggested layers and with the preset's
-#     (float32, WikiText-2 statistics from 2,000 lines, no fluency);
-#  3. speed at GPT-J shapes (random weights): 100 known facts traced in the fast mode as facts/s,
+#  2. speed at GPT-J shapes (random weights): 100 known facts traced in the fast mode as facts/s,
 #     beside the original structure (one restoration per forward) timed on 60 restorations and
-#     extrapolated per fact.
+#     extrapolated per fact;
+#  3. CounterFact-250 edited all at once with the suggested layers and with the preset's
+#     (float32, WikiText-2 statistics from 2,000 lines, no fluency).
 # Needs .device/tokenizer, .device/data/{known_1000,counterfact_250}.json,
 # .device/data/wikitext-2-raw-wiki.test.raw and MEMIT_FAST_DEFAULT_GGUF (the default model's GGUF).
 # Files to $OUT (8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge
@@ -44,8 +44,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit inside the budget
 } >>"$LOG" 2>&1
 TR=$OUT/trace_known
 # the full run; MEMIT_FAST_TRACE_TINY=1 runs the same stages on a tiny random Llama on the CPU
-M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 60); EVAL=(--batch-size 256 --n-samples 2000)
-SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 35 --reference-forwards 60); T_TRACE=75; T_EVAL=45; T_SPEED=60
+M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 45); EVAL=(--batch-size 256 --n-samples 2000)
+SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 25 --reference-forwards 60); T_TRACE=60; T_EVAL=40; T_SPEED=60
 if [[ -n "$TINY" ]]; then
   "$PY" - /tmp/trace_tiny_model <<'EOF' >>"$LOG" 2>&1
 import sys, torch
@@ -62,6 +62,7 @@ fi
 stage trace_known $T_TRACE "$PY" -m memit_fast trace "${M[@]}" "${DEV[@]}" --data $DATA/known_1000.json --answer given \
   --suggest --fact-plots 2 --quiet --out "$TR" --overwrite "${TRACE[@]}"
 "$PY" -m benchmarks.trace_bench --from-trace "$TR/trace.json" --records "$OUT/records.jsonl" >>"$LOG" 2>&1
+stage speed_gptj $T_SPEED "$PY" -m benchmarks.trace_bench --model gpt-j-6b --data $DATA/known_1000.json --records "$OUT/records.jsonl" "${SPEED[@]}"
 EV=("$PY" -m memit_fast.eval "${M[@]}" "${DEV[@]}" --corpus $DATA/wikitext-2-raw-wiki.test.raw --no-fluency --quiet
     --data $DATA/counterfact_250.json --overwrite "${EVAL[@]}")
 if [[ -f "$TR/hparams.json" ]]; then
@@ -72,7 +73,6 @@ fi
 stage eval_preset $T_EVAL "${EV[@]}" --out /tmp/trace_eval_preset
 "$PY" benchmarks/results_store.py --path "$OUT/records.jsonl" add-eval /tmp/trace_eval_preset/results.json \
   --command "bash benchmarks/device/run_trace.sh (eval, preset layers)" >>"$LOG" 2>&1
-stage speed_gptj $T_SPEED "$PY" -m benchmarks.trace_bench --model gpt-j-6b --data $DATA/known_1000.json --records "$OUT/records.jsonl" "${SPEED[@]}"
 {
   echo "== trace of the known facts"
   "$PY" - "$TR/trace.json" <<'EOF' 2>/dev/null || echo "(no trace.json)"
