@@ -95,11 +95,11 @@ def speed(args) -> list[dict]:
     return records
 
 
-def from_trace(path: str) -> list[dict]:
+def from_trace(path: str, command: str | None = None) -> list[dict]:
     """Records of a `memit-fast trace --out DIR` run: facts/s, the effects, the suggested layers."""
     doc = json.loads(Path(path).read_text())
     s = doc["summary"]
-    ctx = results_store.context("trace", command=f"memit-fast trace (see {Path(path).parent.name})")
+    ctx = results_store.context("trace", command=command or f"memit-fast trace (see {Path(path).parent.name})")
     params = {k: s.get(k) for k in ("facts_skipped", "noise_std", "suggested_layers", "preset_layers")} | {"settings": s["settings"]}
     name = f"causal trace {Path(path).parent.name}"
     out = [results_store.make("trace", name, "facts_per_s", s["facts_traced"] / max(s["seconds"], 1e-9), "facts/s", ctx,
@@ -121,9 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=None, help="stop the fast run after this (facts/s over those done)")
     p.add_argument("--reference-forwards", type=int, default=60, help="restorations timed in the original structure")
     p.add_argument("--from-trace", metavar="TRACE_JSON", help="record a `memit-fast trace` run instead")
+    p.add_argument("--command", default=None, help="with --from-trace: the command of that run")
     p.add_argument("--records", default=None, help="append the records to this JSON-lines file")
     args = p.parse_args(argv)
-    records = from_trace(args.from_trace) if args.from_trace else speed(args)
+    records = from_trace(args.from_trace, args.command) if args.from_trace else speed(args)
     if args.records:
         results_store.append(records, args.records)
     for r in records:

@@ -61,7 +61,8 @@ fi
 # all 1,209 facts; --max-seconds keeps the stage inside its limit (facts left are reported)
 stage trace_known $T_TRACE "$PY" -m memit_fast trace "${M[@]}" "${DEV[@]}" --data $DATA/known_1000.json --answer given \
   --suggest --fact-plots 2 --quiet --out "$TR" --overwrite "${TRACE[@]}"
-"$PY" -m benchmarks.trace_bench --from-trace "$TR/trace.json" --records "$OUT/records.jsonl" >>"$LOG" 2>&1
+"$PY" -m benchmarks.trace_bench --from-trace "$TR/trace.json" --records "$OUT/records.jsonl" \
+  --command "bash benchmarks/device/run_trace.sh (memit-fast trace, all known facts)" >>"$LOG" 2>&1
 stage speed_gptj $T_SPEED "$PY" -m benchmarks.trace_bench --model gpt-j-6b --data $DATA/known_1000.json --records "$OUT/records.jsonl" "${SPEED[@]}"
 EV=("$PY" -m memit_fast.eval "${M[@]}" "${DEV[@]}" --corpus $DATA/wikitext-2-raw-wiki.test.raw --no-fluency --quiet
     --data $DATA/counterfact_250.json --overwrite "${EVAL[@]}")
