@@ -241,17 +241,19 @@ def causal_trace(model, tok, facts, hparams=None, *, samples: int = 10, noise: f
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prepared), desc="tracing", unit="fact", disable=not progress)
+    deadline = None if max_seconds is None else start + max_seconds
     for gi, group in enumerate(groups):
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            left = [p for g in groups[gi:] for p in g]
-            result.skipped += [(p.index, f"not traced: the time limit of {max_seconds:g} s was reached") for p in left]
-            break
         traced, dropped = (_trace_group if mode == "fast" else _trace_reference)(
             model, tok, layout, hparams, group, samples=samples, std=std, window=window, answer=answer, kinds=kinds,
-            seed=seed, batch_tokens=batch_tokens)
-        result.traces += traced
+            seed=seed, batch_tokens=batch_tokens, deadline=deadline)
+        result.traces += traced or []
         result.skipped += dropped
         bar.update(len(group))
+        if traced is None or (deadline is not None and time.perf_counter() > deadline):
+            done = {i for i, _ in dropped} if traced is None else {p.index for p in group}
+            left = [p for g in groups[gi:] for p in g if p.index not in done]
+            result.skipped += [(p.index, f"not traced: the time limit of {max_seconds:g} s was reached") for p in left]
+            break
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -297,9 +299,10 @@ def _prob(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1).gather(1, answers[:, None])[:, 0]
 
 
-def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, answer, kinds, seed, batch_tokens):
+def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, answer, kinds, seed, batch_tokens, deadline=None):
     """The fast trace of a group of facts: the clean run and the corrupted runs recorded once, then
-    every restoration of every fact as rows of a few batched forwards."""
+    every restoration of every fact as rows of a few batched forwards. (traces, skipped); traces is
+    None when the deadline (a time.perf_counter() value) passed before the group was done."""
     device, L = model_device(model), layout.n_layers
     family = isinstance(layout, Layout)
     ids, _ = pad_right([p.ids for p in group], pad_id(tok), device)
@@ -373,6 +376,8 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
                 logits = layout.patched_forward(ids[fd], last[fd], noise=noise[fd * samples + ss.to(device)], patches=patches)
             probs = _prob(logits, answers[fd]).double().cpu()
             total.index_add_(0, rr, probs / samples)
+            if deadline is not None and time.perf_counter() > deadline:
+                return None, dropped
     traces = []
     for f, p in enumerate(group):
         T = len(p.ids)
@@ -412,7 +417,8 @@ def _reference_run(model, ids, subject, noise, patched: list[tuple[str, int]], a
     return float(logits.float().softmax(-1)[:, answer_id].mean())
 
 
-def _trace_reference(model, tok, layout, hparams, group, *, samples, std, window, answer, kinds, seed, batch_tokens):
+def _trace_reference(model, tok, layout, hparams, group, *, samples, std, window, answer, kinds, seed, batch_tokens, deadline=None):
+    """The original structure on a group of one fact (causal_trace checks the deadline between groups)."""
     device, L = model_device(model), layout.n_layers
     templates = {"hidden": hparams.layer_module_tmp, "mlp": hparams.mlp_module_tmp, "attn": hparams.attn_module_tmp}
     traces, dropped = [], []

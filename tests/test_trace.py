@@ -217,3 +217,9 @@ def test_missing_matplotlib_is_one_clear_error(tmp_path, capsys, monkeypatch):
     good.write_text(json.dumps(FACTS))
     err = _one_line_error(capsys, ["trace", "--data", str(good), "--out", str(tmp_path / "out")])
     assert "matplotlib" in err and "--no-plots" in err
+
+
+def test_time_limit_reports_the_facts_left():
+    result = causal_trace(_model("gpt_neox"), tiny.tokenizer(), FACTS, max_seconds=1e-9, **SETTINGS)
+    assert result.traces == [] and [i for i, _ in result.skipped] == [0, 1, 2]
+    assert all("time limit" in reason for _, reason in result.skipped)

@@ -12,8 +12,8 @@
 # .device/data/wikitext-2-raw-wiki.test.raw and MEMIT_FAST_DEFAULT_GGUF (the default model's GGUF).
 # Files to $OUT (8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge
 # OUT/records.jsonl), summary.txt, trace_known/{trace.json,average.png,hparams.json,facts/2 PNGs}.
-# MEMIT_FAST_TRACE_TINY=1: the CPU proof (the same stages on a tiny random Llama: 30 facts, 2
-# samples, 4 CounterFact edits; tiny GPT-J speed), data from MEMIT_FAST_TRACE_DATA (default .device/data).
+# MEMIT_FAST_TRACE_TINY=1: the CPU proof (the same stages on a tiny random Llama, 1,000-token vocabulary:
+# 12 facts, 2 samples, 4 CounterFact edits; tiny GPT-J speed), data from MEMIT_FAST_TRACE_DATA (default .device/data).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
@@ -44,24 +44,28 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit inside the budget
 } >>"$LOG" 2>&1
 TR=$OUT/trace_known
 # the full run; MEMIT_FAST_TRACE_TINY=1 runs the same stages on a tiny random Llama on the CPU
-M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 45); EVAL=(--batch-size 256 --n-samples 2000)
-SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 25 --reference-forwards 60); T_TRACE=60; T_EVAL=40; T_SPEED=60
+M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 35); EVAL=(--batch-size 256 --n-samples 2000)
+SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 30 --reference-forwards 60); T_TRACE=50; T_EVAL=35; T_SPEED=60
 if [[ -n "$TINY" ]]; then
   "$PY" - /tmp/trace_tiny_model <<'EOF' >>"$LOG" 2>&1
 import sys, torch
+from transformers import AutoModelForCausalLM
 from benchmarks import synthetic
-model, _ = synthetic.build_model("llama-3-8b", tiny=True, device="cpu", dtype=torch.float32)
-model.save_pretrained(sys.argv[1]); synthetic.fallback_tokenizer().save_pretrained(sys.argv[1])
+tok = synthetic.fallback_tokenizer()
+config = synthetic.make_config("llama-3-8b", tiny=True)
+config.vocab_size = len(tok)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 EOF
-  M=(--model /tmp/trace_tiny_model); DEV=(--device cpu); TRACE=(--limit 30 --samples 2 --answer model --max-seconds 60)
-  EVAL=(--edits 4 --n-samples 50); SPEED=(--tiny --facts 10 --samples 2 --max-seconds 40 --reference-forwards 10); T_TRACE=120; T_EVAL=150; T_SPEED=150
+  M=(--model /tmp/trace_tiny_model); DEV=(--device cpu); TRACE=(--limit 12 --samples 2 --answer model --batch-tokens 1024 --max-seconds 60)
+  EVAL=(--edits 4 --n-samples 50); SPEED=(--tiny --facts 6 --samples 2 --max-seconds 20 --reference-forwards 10); T_TRACE=120; T_EVAL=150; T_SPEED=150
 else
-  stage convert 60 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
+  stage convert 45 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
 fi
 # all 1,209 facts; --max-seconds keeps the stage inside its limit (facts left are reported)
 stage trace_known $T_TRACE "$PY" -m memit_fast trace "${M[@]}" "${DEV[@]}" --data $DATA/known_1000.json --answer given \
   --suggest --fact-plots 2 --quiet --out "$TR" --overwrite "${TRACE[@]}"
-"$PY" -m benchmarks.trace_bench --from-trace "$TR/trace.json" --records "$OUT/records.jsonl" \
+[[ -f "$TR/trace.json" ]] && "$PY" -m benchmarks.trace_bench --from-trace "$TR/trace.json" --records "$OUT/records.jsonl" \
   --command "bash benchmarks/device/run_trace.sh (memit-fast trace, all known facts)" >>"$LOG" 2>&1
 stage speed_gptj $T_SPEED "$PY" -m benchmarks.trace_bench --model gpt-j-6b --data $DATA/known_1000.json --records "$OUT/records.jsonl" "${SPEED[@]}"
 EV=("$PY" -m memit_fast.eval "${M[@]}" "${DEV[@]}" --corpus $DATA/wikitext-2-raw-wiki.test.raw --no-fluency --quiet
