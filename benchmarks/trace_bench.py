@@ -113,11 +113,12 @@ def speed(args) -> list[dict]:
     return records
 
 
-def from_trace(path: str, command: str | None = None) -> list[dict]:
+def from_trace(path: str, command: str | None = None, commit: str | None = None) -> list[dict]:
     """Records of a `memit-fast trace --out DIR` run: facts/s, the effects, the suggested layers."""
     doc = json.loads(Path(path).read_text())
     s = doc["summary"]
     ctx = results_store.context("trace", command=command or f"memit-fast trace (see {Path(path).parent.name})")
+    ctx["commit"] = commit or ctx["commit"]
     params = {k: s.get(k) for k in ("facts_skipped", "noise_std", "suggested_layers", "preset_layers")} | {"settings": s["settings"]}
     name = f"causal trace {Path(path).parent.name}"
     out = [results_store.make("trace", name, "facts_per_s", s["facts_traced"] / max(s["seconds"], 1e-9), "facts/s", ctx,
@@ -140,9 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--reference-forwards", type=int, default=60, help="restorations timed in the original structure")
     p.add_argument("--from-trace", metavar="TRACE_JSON", help="record a `memit-fast trace` run instead")
     p.add_argument("--command", default=None, help="with --from-trace: the command of that run")
+    p.add_argument("--commit", default=None, help="with --from-trace: the commit of that run (default: this checkout's)")
     p.add_argument("--records", default=None, help="append the records to this JSON-lines file")
     args = p.parse_args(argv)
-    records = from_trace(args.from_trace, args.command) if args.from_trace else speed(args)
+    records = from_trace(args.from_trace, args.command, args.commit) if args.from_trace else speed(args)
     if args.records:
         results_store.append(records, args.records)
     for r in records:
