@@ -13,7 +13,7 @@
 # Files to $OUT (8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge
 # OUT/records.jsonl), summary.txt, trace_known/{trace.json,average.png,hparams.json,facts/2 PNGs}.
 # MEMIT_FAST_TRACE_TINY=1: the CPU proof (the same stages on a tiny random Llama, 1,000-token vocabulary:
-# 12 facts, 2 samples, 4 CounterFact edits; tiny GPT-J speed), data from MEMIT_FAST_TRACE_DATA (default .device/data).
+# 4 facts, 2 samples, 4 CounterFact edits; tiny GPT-J speed; with MEMIT_FAST_DEVICE_BUDGET=1500), data from MEMIT_FAST_TRACE_DATA (default .device/data).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
@@ -57,8 +57,8 @@ config.vocab_size = len(tok)
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 EOF
-  M=(--model /tmp/trace_tiny_model); DEV=(--device cpu); TRACE=(--limit 12 --samples 2 --answer model --batch-tokens 1024 --max-seconds 60)
-  EVAL=(--edits 4 --n-samples 50); SPEED=(--tiny --facts 6 --samples 2 --max-seconds 20 --reference-forwards 10); T_TRACE=120; T_EVAL=150; T_SPEED=150
+  M=(--model /tmp/trace_tiny_model); DEV=(--device cpu); TRACE=(--limit 4 --samples 2 --answer model --max-seconds 240)
+  EVAL=(--edits 4 --n-samples 50); SPEED=(--tiny --facts 6 --samples 2 --max-seconds 20 --reference-forwards 10); T_TRACE=300; T_EVAL=300; T_SPEED=300
 else
   stage convert 45 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
 fi
