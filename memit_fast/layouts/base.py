@@ -29,14 +29,6 @@ def fused_activation(act: nn.Module):
     return act
 
 
-def patch_rows(t: torch.Tensor, patch) -> torch.Tensor:
-    """t (B, S, d) with values (n, d) put at (rows (n,), tokens (n,)) of `patch` (None: t as it is)."""
-    if patch is None:
-        return t
-    rows, tokens, values = patch
-    return t.index_put((rows, tokens), values.to(t.dtype))
-
-
 @dataclass
 class Context:
     """The attention inputs of one batch, shared by every block.
@@ -326,3 +318,11 @@ class SuffixRunner:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Block `stop`'s output from block `layer`'s output h (rows as selected)."""
         return self.layout.run(h, self.layer + 1, self.stop + 1, self.ctx, self.cache)
+
+
+def patch_rows(t: torch.Tensor, patch) -> torch.Tensor:
+    """t (B, S, d) with values (n, d) put at (rows (n,), tokens (n,)) of `patch` (None: t as it is)."""
+    if patch is None:
+        return t
+    rows, tokens, values = patch
+    return t.index_put((rows, tokens), values.to(t.dtype))
