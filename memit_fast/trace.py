@@ -235,7 +235,7 @@ def causal_trace(model, tok, facts, hparams=None, *, samples: int = 10, noise: f
     # a seeded random order (a time limit then leaves no length out on purpose)
     prepared.sort(key=lambda p: len(p.ids))
     longest = max((len(p.ids) for p in prepared), default=1)
-    group_size = 1 if mode == "reference" else min(16, max(1, batch_tokens // (4 * samples * longest)))
+    group_size = 1 if mode == "reference" else min(64, max(1, batch_tokens // (4 * samples * longest)))
     groups = [prepared[i:i + group_size] for i in range(0, len(prepared), group_size)]
     random.Random(seed).shuffle(groups)
     from tqdm.auto import tqdm
