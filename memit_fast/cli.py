@@ -398,6 +398,8 @@ def cmd_trace(args) -> int:
         value = getattr(args, name)
         if value is not None and not (value > 0 or (name == "noise" and value == 0)):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'noise' else '> 0'}, got {value}")
+    if args.fact_plots < 0:
+        raise UsageError(f"--fact-plots must be >= 0, got {args.fact_plots}")
     facts = facts[: args.limit] if args.limit else facts
     if not args.no_plots:
         from .trace_plot import require_matplotlib

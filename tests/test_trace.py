@@ -182,6 +182,7 @@ def test_cli_bad_input(tmp_path, capsys):
     good.write_text(json.dumps(FACTS))
     assert "--noise" in _one_line_error(capsys, ["trace", "--data", str(good), "--out", out, "--noise", "-1"])
     assert "--samples" in _one_line_error(capsys, ["trace", "--data", str(good), "--out", out, "--samples", "0"])
+    assert "--fact-plots" in _one_line_error(capsys, ["trace", "--data", str(good), "--out", out, "--fact-plots", "-1"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert "not empty" in _one_line_error(capsys, ["trace", "--data", str(good), "--out", str(tmp_path / "full")])
