@@ -46,6 +46,7 @@ KINDS = {
     "eval": "a CounterFact or zsRE metric before or after editing",
     "sweep": "a hyper-parameter sweep point",
     "test_run": "a test-suite run (counts of passed, failed, skipped)",
+    "trace": "causal tracing (memit_fast.trace): facts/s, fast and in the original structure; the effects of a trace run",
 }
 REQUIRED = ("kind", "name", "metric", "value", "unit", "extrapolated", "device", "date", "commit")
 OPTIONAL = ("schema", "provider", "model", "shape", "dtype", "n_edits", "command", "versions", "run_id", "params", "note", "source")

@@ -1,4 +1,4 @@
-"""The `memit-fast` command (also `python -m memit_fast`): demo, stats, edit, eval, info.
+"""The `memit-fast` command (also `python -m memit_fast`): demo, stats, edit, eval, trace, info.
 
 Every command that loads a model takes the same common options (`add_common`) and loads through
 one loader (`ModelSpec`). Inputs and outputs are checked before any model work. A user error
@@ -414,6 +414,59 @@ def save_edit(out: Path, save: str, model, tok, orig: dict, hp, requests: list) 
     save_edits(out, model, orig, hparams=hp, requests=requests, format="peft" if save == "peft" else "memit_fast")
 
 
+def cmd_trace(args) -> int:
+    """Causal tracing of facts (memit_fast.trace): trace.json, figures, and with --suggest a
+    hyper-parameters file whose layers are the band of MLP layers with the largest effect."""
+    from .errors import RequestError
+    from .trace import causal_trace, read_facts, suggest_layers
+
+    data = read_json(args.data, "facts file")
+    try:
+        facts = read_facts(data)
+    except RequestError as e:
+        raise UsageError(f"facts file {args.data}: {e}") from None
+    if not facts:
+        raise UsageError(f"facts file {args.data} holds no facts")
+    for name in ("noise", "noise_std", "max_seconds"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 or (name == "noise" and value == 0)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'noise' else '> 0'}, got {value}")
+    if args.fact_plots < 0:
+        raise UsageError(f"--fact-plots must be >= 0, got {args.fact_plots}")
+    facts = facts[: args.limit] if args.limit else facts
+    if not args.no_plots:
+        from .trace_plot import require_matplotlib
+
+        require_matplotlib()
+    check_out(args.out, args.overwrite)
+    model, tok, hp = model_spec(args).load()
+    result = causal_trace(model, tok, facts, hp, samples=args.samples, noise=args.noise, noise_std=args.noise_std, window=args.window,
+                          answer=args.answer, seed=args.seed, batch_tokens=args.batch_tokens, mode=args.mode,
+                          progress=not args.quiet, max_seconds=args.max_seconds)  # fmt: skip
+    doc = result.to_dict()
+    print(f"traced {len(result.traces)} of {len(facts)} facts in {result.seconds:.1f} s "
+          f"({len(result.traces) / max(result.seconds, 1e-9):.3g} facts/s; noise std {result.noise_std:.4g}, {args.samples} samples)")
+    for i, reason in result.skipped[:10]:
+        print(f"skipped fact {i}: {reason}")
+    if len(result.skipped) > 10:
+        print(f"... {len(result.skipped) - 10} more skipped (see trace.json)")
+    with output_dir(args.out) as tmp:
+        if args.suggest and result.traces:
+            layers = suggest_layers(result, len(hp.layers))
+            doc["summary"]["suggested_layers"], doc["summary"]["preset_layers"] = layers, hp.layers
+            (tmp / "hparams.json").write_text(json.dumps(hp.replace(layers=layers).to_dict(), indent=2) + "\n")
+            print(f"suggested layers {layers} (the hyper-parameters' {hp.layers}): {args.out}/hparams.json")
+        elif args.suggest:
+            print("no fact was traced: no layer suggestion")
+        (tmp / "trace.json").write_text(json.dumps(doc) + "\n")
+        if not args.no_plots and result.traces:
+            from .trace_plot import plot_trace
+
+            plot_trace(doc, tmp, args.fact_plots)
+    print(f"wrote the trace to {args.out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     """Versions, device, the native module, and the MEMIT_FAST_* settings in effect."""
     import importlib.metadata
@@ -482,6 +535,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="edit the first N CounterFact or zsRE records and report the metrics before and after")
     eval_cli.add_arguments(p)
     p.set_defaults(func=eval_cli.run)
+
+    p = sub.add_parser("trace", help="causal tracing of known facts: heatmaps, average effects, layer suggestion")
+    add_common(p, outputs=True)
+    p.add_argument("--data", required=True, metavar="FILE", help="JSON list of known facts (prompt, subject, attribute) or prompt/subject/answer dicts")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N facts (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory: trace.json, average.png, facts/*.png, hparams.json")
+    p.add_argument("--answer", choices=["given", "model"], default="given",
+                   help="given: a fact's answer (attribute / answer) must be the model's top-1 prediction, else it is skipped; "
+                        "model: trace the model's own prediction (default: given)")
+    p.add_argument("--samples", type=positive_int, default=10, help="noise samples per fact (default: 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (default: 3)")
+    p.add_argument("--noise-std", type=float, help="noise std as an absolute value (overrides --noise)")
+    p.add_argument("--window", type=positive_int, default=10, help="layers restored around each layer for the MLP and attention traces (default: 10)")
+    p.add_argument("--mode", choices=["fast", "reference"], default="fast",
+                   help="fast: batched restorations; reference: the original structure, one restoration per forward (slow)")
+    p.add_argument("--batch-tokens", type=positive_int, metavar="N", help="padded tokens per forward (default: 32768 on CUDA, 4096 on CPU)")
+    p.add_argument("--max-seconds", type=float, metavar="S", help="stop tracing after S seconds (the facts left are reported as skipped)")
+    p.add_argument("--suggest", action="store_true", help="write hparams.json: the preset with the band of MLP layers of largest effect")
+    p.add_argument("--fact-plots", type=int, default=10, metavar="N", help="heatmaps of the first N traced facts (default: 10)")
+    p.add_argument("--no-plots", action="store_true", help="no figures (trace.json only)")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("info", help="versions, device, native module, MEMIT_FAST_* settings")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -330,6 +330,48 @@ class Layout(HeadAccess):
 
         return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
 
+    # ---- causal tracing (memit_fast/trace.py, docs/tracing.md) ----
+    def block_parts(self, i: int, h: torch.Tensor, ctx: Context, attn_patch=None, mlp_patch=None):
+        """Block i on h (B, S, d) -> (output, attention output, MLP output), each (B, S, d). A patch
+        (rows (n,), tokens (n,), values (n, d)) replaces that sub-block's output at those (row,
+        token) before it joins the residual stream."""
+        h, ctx = self.on_block_device(i, h, ctx)
+        a = patch_rows(self.attention(i, self.norm_attn(i, h), ctx)[0], attn_patch)
+        if self.parallel:
+            m = patch_rows(self.mlp_out(i, self.mlp_key(i, self.norm_mlp(i, h))), mlp_patch)
+            return self.combine_parallel(h, a, m), a, m
+        mid = h + a
+        m = patch_rows(self.mlp_out(i, self.mlp_key(i, self.norm_mlp(i, mid))), mlp_patch)
+        return mid + m, a, m
+
+    @torch.no_grad()
+    def patched_forward(self, ids: torch.Tensor, last: torch.Tensor, *, noise=None, patches=None, record: bool = False, enter=None):
+        """Logits (B, V) at token last[b] of each right-padded row ids (B, S), with `noise` (B, S, d)
+        added to the input embeddings and `patches` {layer: {"hidden" | "attn" | "mlp": (rows,
+        tokens, values (n, d))}} putting those outputs of the block / its attention / its MLP in
+        place. record=True also returns {"hidden", "attn", "mlp": (L, B, S, d)} of this run.
+        enter=(layer e, h (B, S, d)) starts the rows at block e from h instead of the embeddings."""
+        patches = patches or {}
+        if enter is None:
+            h, ctx = self.start(ids)
+            first = 0
+            if noise is not None:
+                h = h + noise
+        else:
+            first, h = enter
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            ctx = self.context(h, positions)
+        kept = {"hidden": [], "attn": [], "mlp": []}
+        for i in range(first, self.n_layers):
+            p = patches.get(i, {})
+            h, a, m = self.block_parts(i, h, ctx, p.get("attn"), p.get("mlp"))
+            h = patch_rows(h, p.get("hidden"))
+            if record:
+                for name, t in (("hidden", h), ("attn", a), ("mlp", m)):
+                    kept[name].append(t)
+        logits = self.finish(h[torch.arange(len(h), device=h.device), last])
+        return (logits, {k: torch.stack(v) for k, v in kept.items()}) if record else logits
+
 
 class SuffixRunner:
     """z's forward (docs/algorithm.md section 6): the prefixes' keys and values are computed once
@@ -357,3 +399,11 @@ class SuffixRunner:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Block `stop`'s output from block `layer`'s output h (rows as selected)."""
         return self.layout.run(h, self.layer + 1, self.stop + 1, self.ctx, self.cache)
+
+
+def patch_rows(t: torch.Tensor, patch) -> torch.Tensor:
+    """t (B, S, d) with values (n, d) put at (rows (n,), tokens (n,)) of `patch` (None: t as it is)."""
+    if patch is None:
+        return t
+    rows, tokens, values = patch
+    return t.index_put((rows.to(t.device), tokens.to(t.device)), values.to(t.device, t.dtype))

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model_access import block_output, cache_arg, get_module, hooks, returned_cache
-from .base import HeadAccess
+from ..model_access import block_output, cache_arg, get_module, hooks, returned_cache, with_block_output
+from ..presets import num_layers
+from .base import HeadAccess, patch_rows
 
 
 class _Stop(Exception):
@@ -74,6 +75,43 @@ class GenericLayout(HeadAccess):
 
     def suffix_runner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer: int, stop: int) -> "_HooksRunner":
         return _HooksRunner(self, prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, layer, stop)
+
+    # ---- causal tracing (memit_fast/trace.py): Layout.patched_forward through forward hooks ----
+    @property
+    def n_layers(self) -> int:
+        return num_layers(self.model.config)
+
+    @torch.no_grad()
+    def patched_forward(self, ids, last, *, noise=None, patches=None, record: bool = False, enter=None):
+        """Layout.patched_forward over HF's forward: the noise is added to the input embedding
+        module's output, the patches replace the outputs of the block, attention and MLP modules
+        (hparams' layer/attn/mlp_module_tmp). Every row starts at the embeddings (no `enter`)."""
+        if enter is not None:
+            raise ValueError("the generic layout runs every row from the embeddings (enter=None)")
+        patches = patches or {}
+        templates = {"hidden": self.hparams.layer_module_tmp, "attn": self.hparams.attn_module_tmp, "mlp": self.hparams.mlp_module_tmp}
+        kept = {name: [None] * self.n_layers for name in templates}
+
+        def hook(name, layer):
+            def run(_m, _args, out):
+                h = patch_rows(block_output(out), patches.get(layer, {}).get(name))
+                if record:
+                    kept[name][layer] = h
+                if name == "hidden" and layer == self.n_layers - 1:
+                    kept["last"] = h
+                return with_block_output(out, h)
+
+            return run
+
+        handles = [get_module(self.model, tmp.format(i)).register_forward_hook(hook(name, i))
+                   for name, tmp in templates.items() for i in range(self.n_layers)]
+        if noise is not None:
+            handles.append(self.model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out + noise.to(out.dtype)))
+        with hooks(*handles):
+            self.base(input_ids=ids, use_cache=False)
+        h = kept.pop("last")
+        logits = self.finish(h[torch.arange(len(h), device=h.device), last])
+        return (logits, {k: torch.stack(v) for k, v in kept.items()}) if record else logits
 
 
 class _HooksRunner:
