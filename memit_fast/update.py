@@ -3,6 +3,8 @@ critical layers, lowest first, each layer solving (lam C^l + K K^T) A = K and ad
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -55,16 +57,24 @@ def apply_update(
     batch_tokens: int = 8192,
     progress: bool = True,
     timer=NO_TIMER,
+    layer_solve: Callable[[RewriteWeight, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
-    requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout."""
+    requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout.
+    layer_solve(weight, keys (n, d_ff), residual (n, d_model)) -> delta (d_model, d_ff): another
+    per-layer solve in place of MEMIT's `layer_delta` (the projected solve of
+    memit_fast.sequential); `covs` is then not read."""
     reader = KeyReader(model, layout, tok, key_rows(requests), len(requests), hparams.layers[-1], templates, batch_tokens=batch_tokens)
     deltas = {}
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
         with timer("keys and values"):
             keys, cur = reader.read(w.layer)
         with timer("solve"):
-            delta = layer_delta(covs[w.layer], keys, (z - cur) / (len(weights) - i), hparams.mom2_update_weight, solve_method)
+            resid = (z - cur) / (len(weights) - i)
+            if layer_solve is None:
+                delta = layer_delta(covs[w.layer], keys, resid, hparams.mom2_update_weight, solve_method)
+            else:
+                delta = layer_solve(w, keys, resid)
         with timer("weight update"):
             write_layer(w, delta)
         deltas[w.name] = delta

@@ -1,0 +1,80 @@
+"""AlphaEdit's projected solve (memit_fast.sequential): the r x r symmetric form equals the
+literal formula, the update leaves the preserved keys alone, and the basis cache."""
+
+import pytest
+import torch
+
+from memit_fast.errors import HyperParamsError, SolveError
+from memit_fast.sequential import KeyAccumulator, cached_null_space, check_method, factors_delta, null_space_basis, projected_factors
+
+
+def _problem(d=40, m=12, n=5, n_prev=7, seed=0):
+    """A covariance with 24 large and 16 tiny eigenvalues, keys, residuals and earlier keys."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    values = torch.cat([torch.rand(16, generator=g, dtype=torch.float64) * 1e-3, 0.5 + torch.rand(d - 16, generator=g, dtype=torch.float64)])
+    cov = (q * values) @ q.T
+    keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+    resid = torch.randn(n, m, generator=g, dtype=torch.float64)
+    prev = torch.randn(n_prev, d, generator=g, dtype=torch.float64)
+    return cov, keys, resid, prev, q[:, 16:]
+
+
+def _literal(P, kpkp, keys, resid, l2):
+    """Delta = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1, the formula as AlphaEdit writes it."""
+    K, R = keys.T, resid.T
+    return R @ K.T @ P @ torch.linalg.inv(kpkp @ P + K @ K.T @ P + l2 * torch.eye(P.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["cholesky", "woodbury", "dense"])
+@pytest.mark.parametrize("l2", [10.0, 0.1])
+def test_projected_solve_equals_literal_formula(method, l2):
+    cov, keys, resid, prev, _ = _problem()
+    U = null_space_basis(cov, 2e-2)
+    assert U.shape == (40, 16)
+    acc = KeyAccumulator(U)
+    acc.add(prev[:3])
+    acc.add(prev[3:])
+    assert torch.allclose(acc.kk, prev.T @ prev, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(acc.proj, U.T @ prev.T @ prev @ U, rtol=1e-12, atol=1e-12)
+    r, a = projected_factors(U, acc.proj, keys, resid, l2, method)
+    got = factors_delta(r, a)
+    want = _literal(U @ U.T, acc.kk, keys, resid, l2)
+    assert got.shape == (12, 40)
+    assert (got - want).norm() / want.norm() < 1e-10
+
+
+def test_update_orthogonal_to_preserved_keys():
+    cov, keys, resid, prev, big = _problem()
+    U = null_space_basis(cov, 2e-2)
+    acc = KeyAccumulator(U)
+    acc.add(prev)
+    delta = factors_delta(*projected_factors(U, acc.proj, keys, resid, 10.0))
+    k0 = big @ torch.randn(big.shape[1], 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert (delta @ k0).norm() / (delta.norm() * k0.norm()) < 1e-6
+    assert delta.norm() > 0
+
+
+def test_basis_cache(tmp_path):
+    cov = _problem()[0].float()
+    kw = dict(model_fp="fp", module="m.0", cache_dir=tmp_path)
+    first = cached_null_space(cov, 2e-2, **kw)
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 1 and first.dtype == torch.float64
+    assert torch.equal(cached_null_space(cov, 2e-2, **kw), first)  # read back
+    cached_null_space(cov, 3e-2, **kw)  # another threshold, another file
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+    files[0].write_bytes(b"garbage")  # a broken file is computed again
+    assert torch.equal(cached_null_space(cov, 2e-2, **kw), first)
+    with pytest.raises(SolveError, match="null space is empty"):
+        cached_null_space(cov, 1e-9, **kw)
+
+
+def test_check_method():
+    check_method("alphaedit", 2e-2, 10)
+    with pytest.raises(HyperParamsError, match="method"):
+        check_method("rome", 2e-2, 10)
+    with pytest.raises(HyperParamsError, match="l2"):
+        check_method("alphaedit", 2e-2, 0)
+    with pytest.raises(HyperParamsError, match="nullspace_threshold"):
+        check_method("memit", float("nan"), 1)
