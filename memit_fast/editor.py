@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .api import _covariances, _eval_no_param_grads, restore
-from .cache import model_fingerprint
+from .cache import default_cache_dir, model_fingerprint
 from .config import EditConfig
 from .corpus import check_corpus_spec
 from .edit_requests import normalize_requests
@@ -165,7 +165,7 @@ class Editor:
         device = model_device(self.model)
         accs = {}
         for w in self.weights:
-            basis = cached_null_space(covs[w.layer].to(device), self.nullspace_threshold, model_fp=fp, module=w.name.rsplit(".", 1)[0], cache_dir=self.cfg.cache_dir)
+            basis = cached_null_space(covs[w.layer].to(device), self.nullspace_threshold, model_fp=fp, module=w.name.rsplit(".", 1)[0], cache_dir=self.cfg.cache_dir or default_cache_dir())
             accs[w.layer] = KeyAccumulator(basis)
         self._accs = accs
 

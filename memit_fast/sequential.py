@@ -75,7 +75,6 @@ def cached_null_space(cov: torch.Tensor, threshold: float, *, model_fp: str, mod
     there, else computed (`null_space_basis`) and written (atomically; an unwritable cache is
     logged and the basis kept in memory). Raises SolveError when r = 0 (nothing left to edit)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path, key = projection_path(cache_dir, model_fp, module, cov, threshold) if cache_dir is not None else (None, None)
     basis = None
@@ -95,25 +94,32 @@ def cached_null_space(cov: torch.Tensor, threshold: float, *, model_fp: str, mod
         basis = null_space_basis(cov, threshold)
         log.info("null-space basis of %s: rank %d of %d at threshold %g", module, basis.shape[1], basis.shape[0], threshold)
         if path is not None:
-            cpu = basis.cpu().contiguous()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-                os.close(fd)
-                try:
-                    save_file({"basis": cpu}, tmp, metadata=key | {"checksum": tensor_checksum(cpu)})
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            except OSError as e:
-                log.warning("projection cache %s cannot be written (%s): kept in memory", path.parent, e)
+            _write_basis(path, key, basis)
     if basis.shape[1] == 0:
         raise SolveError(
             f"{module}: no eigenvalue of the statistics is below nullspace_threshold={threshold:g} (smallest "
             f"{float(torch.linalg.eigvalsh(cov.double()).min()):.3g}): the null space is empty and AlphaEdit cannot edit; raise the threshold"
         )
     return basis
+
+
+def _write_basis(path: Path, key: dict[str, str], basis: torch.Tensor) -> None:
+    """Write one basis atomically with its key and checksum; an unwritable cache is logged."""
+    from safetensors.torch import save_file
+
+    cpu = basis.cpu().contiguous()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"basis": cpu}, tmp, metadata=key | {"checksum": tensor_checksum(cpu)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        log.warning("projection cache %s cannot be written (%s): kept in memory", path.parent, e)
 
 
 class KeyAccumulator:

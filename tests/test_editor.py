@@ -15,6 +15,12 @@ BATCH_2 = [
 BATCH_3 = [{"prompt": "The language of {} is", "subject": "Italy", "target_new": {"str": "French"}}]
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """The null-space bases go to a temporary cache, not the user's."""
+    monkeypatch.setenv("MEMIT_FAST_CACHE", str(tmp_path / "cache"))
+
+
 def _weights(m, hp):
     return {w.name: w.param.detach().clone() for w in memit_fast.model_access.rewrite_weights(m, hp)}
 

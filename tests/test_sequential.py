@@ -78,3 +78,43 @@ def test_check_method():
         check_method("alphaedit", 2e-2, 0)
     with pytest.raises(HyperParamsError, match="nullspace_threshold"):
         check_method("memit", float("nan"), 1)
+
+
+def _records():
+    """CounterFact-shaped records over the tiny tokenizer's words."""
+    rows = [("Michael Jordan", "{} plays the sport of", "baseball", "basketball"), ("France", "The capital of {} is", "Rome", "Paris"),
+            ("Eiffel Tower", "{}, which is located in", "Berlin", "Paris"), ("Danielle Darrieux", "{} spoke the language", "Italian", "French")]
+    return [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": new}, "target_true": {"str": true}},
+             "paraphrase_prompts": [f"Yes. {p.format(s)}"], "neighborhood_prompts": ["The capital of Italy is"],
+             "generation_prompts": [f"{s} is"]} for i, (s, p, new, true) in enumerate(rows)]
+
+
+def test_sequential_eval_curves(tmp_path, monkeypatch):
+    import sys
+
+    import tiny
+    from memit_fast.eval.sequential import markdown_sequential, plot_curves, run_sequential
+
+    m = tiny.model("llama")
+    hp = tiny.hparams(m)
+    stats = tiny.stats(m, hp)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    thr = float(max(torch.linalg.eigvalsh(s.mom2.double()).median() for s in stats.values()))
+    out = run_sequential(m, tiny.tokenizer(), _records(), kind="counterfact", methods=["alphaedit", "memit"], edit_batch=2, hparams=hp,
+                         fluency_records=2, gen_length=12, log=lambda s: None,
+                         editor_options={"stats": stats, "context_templates": tiny.TEMPLATES, "progress": False, "nullspace_threshold": thr, "cache_dir": tmp_path})
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # restored after each method
+    for method in ("alphaedit", "memit"):
+        curve = out["methods"][method]["curve"]
+        assert [p["n_edits"] for p in curve] == [2, 4]
+        assert [p["so_far"]["ES"]["n"] for p in curve] == [2, 4] and all(p["first_batch"]["ES"]["n"] == 2 for p in curve)
+        assert all(p["GE"]["n"] == 2 and p["edit_s"] > 0 for p in curve)
+    assert out["methods"]["memit"]["nullspace_threshold"] is None and out["methods"]["alphaedit"]["l2"] == 10.0
+    text = markdown_sequential(out)
+    assert "### alphaedit (nullspace_threshold" in text and "| first batch: ES |" in text
+    pytest.importorskip("matplotlib")
+    plot_curves([out], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RuntimeError, match="pip install matplotlib"):
+        plot_curves([out], str(tmp_path / "d.png"))
