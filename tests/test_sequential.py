@@ -118,3 +118,15 @@ def test_sequential_eval_curves(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         plot_curves([out], str(tmp_path / "d.png"))
+
+
+def test_merge_results_joins_methods_of_the_same_records():
+    from memit_fast.eval.sequential import merge_results
+
+    def result(method, ids=(1, 2)):
+        return {"kind": "zsre", "n_records": 2, "edit_batch": 1, "case_ids": list(ids), "methods": {method: {"curve": []}},
+                "timing_s": {"eval_before": 1.0, f"{method}_total": 2.0}}
+
+    joined = merge_results([result("memit"), result("alphaedit"), result("memit", ids=(3, 4))])
+    assert [sorted(r["methods"]) for r in joined] == [["alphaedit", "memit"], ["memit"]]
+    assert joined[0]["timing_s"] == {"eval_before": 1.0, "memit_total": 2.0, "alphaedit_total": 2.0}

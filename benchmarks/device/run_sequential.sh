@@ -11,7 +11,7 @@
 # (at most 8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge OUT/records.jsonl),
 # eval_cf/ and eval_zsre/ results.json + report.md (+ curves.png when matplotlib is there; else draw
 # them here: python -m memit_fast.eval.sequential OUT/eval_*/results.json --out curves.png), summary.txt.
-# CPU proof of the mechanics: MEMIT_FAST_SEQ_TINY=1 (the first 4 records in batches of 2, short
+# CPU proof of the mechanics: MEMIT_FAST_SEQ_TINY=1 (the first 2 records in batches of 1, short
 # generations, the tiny GPT-J with N=4 for 3 batches; default model from the local package).
 set -u
 OUT=${OUT:-$PWD/device_out}
@@ -42,7 +42,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit
 } >>"$LOG" 2>&1
 if [[ -n "$TINY" ]]; then
   data=${MEMIT_FAST_SEQ_DATA:-../shared/data}
-  DEV=(--device cpu --edits 4 --edit-batch 2 --fluency-records 2 --gen-length 20)
+  DEV=(--device cpu --edits 2 --edit-batch 1 --fluency-records 1 --gen-length 12)
   BENCH=(--tiny --per-batch 4 --batches 3 --device cpu)
 else
   data=.device/data

@@ -171,13 +171,29 @@ def plot_curves(results: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def merge_results(results: Sequence[dict]) -> list[dict]:
+    """Results of the same records and batches (one method each, e.g. run in separate processes)
+    joined into one result with all their methods; others are kept apart."""
+    out: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["kind"], r["n_records"], r["edit_batch"], tuple(r["case_ids"]))
+        if key in out:
+            out[key]["methods"] = out[key]["methods"] | r["methods"]
+            out[key]["timing_s"] = out[key]["timing_s"] | {k: v for k, v in r["timing_s"].items() if k != "eval_before"}
+        else:
+            out[key] = dict(r, methods=dict(r["methods"]), timing_s=dict(r["timing_s"]))
+    return list(out.values())
+
+
 def main(argv=None) -> int:
-    """python -m memit_fast.eval.sequential RESULTS.json... --out FILE.png: the curves of saved results."""
+    """python -m memit_fast.eval.sequential RESULTS.json... --out FILE.png [--report FILE.md]: the
+    curves of saved results (results of one method each over the same records are joined)."""
     import json
 
     p = argparse.ArgumentParser(prog="python -m memit_fast.eval.sequential", description=main.__doc__)
     p.add_argument("results", nargs="+", help="results.json of `memit-fast eval --sequential`")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--report", default=None, help="also write the joined results' Markdown report here")
     args = p.parse_args(argv)
     results = []
     for path in args.results:
@@ -187,6 +203,10 @@ def main(argv=None) -> int:
             print(f"error: {path} is not a --sequential result (no 'methods')", file=sys.stderr)
             return 2
         results.append(r)
+    results = merge_results(results)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            f.write("\n".join(markdown_sequential(r) for r in results))
     try:
         plot_curves(results, args.out)
     except RuntimeError as e:
