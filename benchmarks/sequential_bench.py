@@ -63,9 +63,7 @@ def _without_z(row: dict) -> float:
 
 
 def time_batches(args) -> int:
-    import memit_fast
     from memit_fast.presets import for_model
-    from memit_fast.profiling import PhaseTimer
 
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +83,20 @@ def time_batches(args) -> int:
           f"null space r = {r} ({args.null_fraction:.0%}) at threshold {threshold:.3g}; eigh of one {d_ff}x{d_ff} float64: {eigh_s:.2f} s", flush=True)
     print(f"N = {args.per_batch} edits per batch, {args.batches} batches per method", flush=True)
     table: dict[str, list[dict]] = {}
+    try:
+        stopped = _run_methods(args, model, tok, hp, stats, requests, cache, threshold, shape, ctx, records, table, t_start)
+    except KeyboardInterrupt:  # a time limit's SIGINT: report the batches measured
+        stopped = "interrupted by SIGINT"
+    _report(args, table, records, ctx, shape, stopped)
+    return 0
+
+
+def _run_methods(args, model, tok, hp, stats, requests, cache, threshold, shape, ctx, records, table, t_start) -> str | None:
+    """The batches of each method; rows into `table`, records into `records`; returns why it
+    stopped early (the budget), else None."""
+    import memit_fast
+    from memit_fast.profiling import PhaseTimer
+
     stopped = None
     for method in args.methods.split(","):
         timer = PhaseTimer()
@@ -111,12 +123,20 @@ def time_batches(args) -> int:
         finally:
             memit_fast.restore(model, ed.base)
         if stopped:
-            break
+            return stopped
+    return None
+
+
+def _report(args, table, records, ctx, shape, stopped) -> None:
+    """The table of seconds per batch, the growth ratios, and the records appended."""
+    table = {m: rows for m, rows in table.items() if rows}
+    if not table:
+        print("no batch was measured")
     print("\nseconds per batch, whole edit / without z (batch 1 includes the first-use work; growth = mean of the last 3 / mean of batches 2-4):")
     methods = list(table)
     print("| batch | edits before | " + " | ".join(f"{m} | {m} without z" for m in methods) + " |")
     print("| ---: | ---: |" + " ---: | ---: |" * len(methods))
-    for k in range(max(len(v) for v in table.values())):
+    for k in range(max((len(v) for v in table.values()), default=0)):
         cells = [f"{table[m][k]['seconds']:.2f} | {_without_z(table[m][k]):.2f}" if k < len(table[m]) else "- | -" for m in methods]
         print(f"| {k + 1} | {k * args.per_batch} | " + " | ".join(cells) + " |")
     for m, rows in table.items():
@@ -132,7 +152,6 @@ def time_batches(args) -> int:
     if args.records:
         results_store.append(records, args.records)
         print(f"{len(records)} records appended to {args.records}")
-    return 0
 
 
 def eval_to_records(args) -> int:

@@ -12,20 +12,22 @@
 # eval_cf/ and eval_zsre/ results.json + report.md (+ curves.png when matplotlib is there; else draw
 # them here: python -m memit_fast.eval.sequential OUT/eval_*/results.json --out curves.png), summary.txt.
 # CPU proof of the mechanics: MEMIT_FAST_SEQ_TINY=1 (the first 2 records in batches of 1, short
-# generations, the tiny GPT-J with N=4 for 3 batches; default model from the local package).
+# generations, the tiny GPT-J with N=4 for 3 batches; default model from the local package; stage
+# limits x30, budget MEMIT_FAST_SEQ_BUDGET as given).
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_SEQ_BUDGET:-240}
 N=${MEMIT_FAST_SEQ_N:-40}
 TINY=${MEMIT_FAST_SEQ_TINY:-}
+SCALE=${MEMIT_FAST_SEQ_LIMIT_SCALE:-$([[ -n $TINY ]] && echo 30 || echo 1)}  # stage limits x SCALE (a CPU check is slow)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG=$OUT/run.log
 STATUS=()
 stage() {  # stage NAME SECONDS CMD...: run with a time limit
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * SCALE)); shift 2
   local t0=$SECONDS left=$((BUDGET - SECONDS))
   ((limit > left)) && limit=$left
   if ((limit < 10)); then STATUS+=("$name: skipped, ${left}s left"); return; fi
@@ -59,7 +61,7 @@ for f in "$OUT"/eval_cf/results.json "$OUT"/eval_zsre/results.json; do
   [[ -f $f ]] && "$PY" -m benchmarks.sequential_bench records "$f" --path "$OUT/records.jsonl" --command "bash benchmarks/device/run_sequential.sh" >>"$LOG" 2>&1
 done
 left=$((BUDGET - SECONDS - 5))
-stage gptj_batches $left "$PY" -m benchmarks.sequential_bench time --model gpt-j-6b "${BENCH[@]}" --budget $((left - 5)) --records "$OUT/records.jsonl"
+stage gptj_batches $((left / SCALE)) "$PY" -m benchmarks.sequential_bench time --model gpt-j-6b "${BENCH[@]}" --budget $((left - 5)) --records "$OUT/records.jsonl"
 {
   echo "== sequential eval (final tables)"
   for f in "$OUT"/eval_cf/report.md "$OUT"/eval_zsre/report.md; do [[ -f $f ]] && sed -n '/After the last batch/,/^### /p' "$f" | head -25; done

@@ -44,6 +44,8 @@ def run_sequential(
     """{"kind", "n_records", "mode", "edit_batch", "case_ids", "before": {"metrics"}, "methods":
     {method: {"curve": [point per batch], "edit_s": [...], "final": metrics}}, "timing_s"}; a point
     is {"batch", "n_edits", "edit_s", "so_far": metrics, "first_batch": metrics, "GE": metric or None}.
+    A KeyboardInterrupt (Ctrl-C, SIGINT) ends the run with the batches measured so far and
+    result["interrupted"] saying where.
     editor_options: keyword arguments of memit_fast.Editor (nullspace_threshold, l2, stats, corpus, ...)."""
     from ..editor import Editor
     from ..api import restore
@@ -90,9 +92,14 @@ def run_sequential(
                 log(f"[eval] {method} after {ed.n_edits} edits: " + ", ".join(
                     f"{m} {point['so_far'][m]['mean']:.1f}" for m in CURVE_METRICS[kind] if m in point["so_far"])
                     + (f", GE {point['GE']['mean']:.1f}" if point["GE"] else "") + f" (edit {batch.seconds:.1f} s)")
+        except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGINT: keep the batches measured so far
+            result["interrupted"] = f"{method}: interrupted after {len(curve)} of {len(batches)} batches"
+            log(f"[eval] {result['interrupted']}")
         finally:
             restore(model, original)
             check_restored(model, original)
+        if not curve:
+            break
         final = curve[-1]["so_far"] | ({"GE": curve[-1]["GE"]} if curve[-1]["GE"] else {})
         result["methods"][method] = {
             "curve": curve, "final": final, "edit_s": [p["edit_s"] for p in curve],
@@ -100,6 +107,8 @@ def run_sequential(
             "l2": ed.l2 if method == "alphaedit" else None,
         }  # fmt: skip
         timing[f"{method}_total"] = time.perf_counter() - t_method
+        if "interrupted" in result:
+            break
     return result
 
 
@@ -110,6 +119,8 @@ def markdown_sequential(result: dict) -> str:
     methods = result["methods"]
     lines = [f"## {kind}: {result['n_records']} records, {result['mode']}, methods {', '.join(methods)}", ""]
     lines += [f"- {k}: {v}" for k, v in result.get("meta", {}).items()]
+    if "interrupted" in result:
+        lines += [f"- INTERRUPTED: {result['interrupted']}"]
     lines += ["", "After the last batch (all records edited so far; GE on the fluency records):", ""]
     lines += ["| metric | unedited | " + " | ".join(methods) + " |", "| --- | ---: |" + " ---: |" * len(methods)]
     for key, label in labels.items():
