@@ -2,7 +2,7 @@
 full model shapes with random weights (benchmarks/synthetic.py): does a batch get slower as
 edits pile up before it? And `records`: a `memit-fast eval --sequential` result as records.
 
-    python -m benchmarks.sequential_bench time --model gpt-j-6b --per-batch 40 --batches 10 --records OUT/records.jsonl
+    python -m benchmarks.sequential_bench time --model gpt-j-6b --per-batch 30 --batches 10 --records OUT/records.jsonl
     python -m benchmarks.sequential_bench time --model gpt-j-6b --tiny --per-batch 4 --batches 3     # CPU check
     python -m benchmarks.sequential_bench records OUT/eval_cf/results.json --path OUT/records.jsonl
 
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     t.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
     t.add_argument("--tiny", action="store_true", help="the tiny model of the same architecture (CPU check)")
     t.add_argument("--device", default=None)
-    t.add_argument("--per-batch", type=int, default=40, metavar="N", help="edits per batch")
+    t.add_argument("--per-batch", type=int, default=30, metavar="N", help="edits per batch")
     t.add_argument("--batches", type=int, default=10)
     t.add_argument("--methods", default="memit,alphaedit")
     t.add_argument("--null-fraction", type=float, default=0.75, help="r / d_ff of the null space")

@@ -5,7 +5,7 @@
 #      MEMIT_FAST_SEQ_GGUF) over all 250 CounterFact records and all 300 zsRE records, in batches of
 #      25, both methods: metrics after every batch (records so far, first batch, GE);
 #   2. GPT-J shapes with random weights (benchmarks/synthetic.py): 10 batches of N edits per method
-#      (N = MEMIT_FAST_SEQ_N, default 40: GPT-J's z costs ~43 ms per edit, so 2 x 10 x 40 edits fit
+#      (N = MEMIT_FAST_SEQ_N, default 30: GPT-J's z costs ~43 ms per edit, so 2 x 10 x 30 edits fit
 #      the stage), the seconds per batch against the edits made before it.
 # Each stage has a time limit inside MEMIT_FAST_SEQ_BUDGET seconds (default 240). Files in $OUT
 # (at most 8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge OUT/records.jsonl),
@@ -18,7 +18,7 @@ set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_SEQ_BUDGET:-240}
-N=${MEMIT_FAST_SEQ_N:-40}
+N=${MEMIT_FAST_SEQ_N:-30}
 TINY=${MEMIT_FAST_SEQ_TINY:-}
 SCALE=${MEMIT_FAST_SEQ_LIMIT_SCALE:-$([[ -n $TINY ]] && echo 30 || echo 1)}  # stage limits x SCALE (a CPU check is slow)
 mkdir -p "$OUT"
@@ -48,7 +48,8 @@ if [[ -n "$TINY" ]]; then
   BENCH=(--tiny --per-batch 4 --batches 3 --device cpu)
 else
   data=.device/data
-  export MEMIT_FAST_DEFAULT_GGUF=${MEMIT_FAST_SEQ_GGUF:-${MEMIT_FAST_DEFAULT_GGUF:-}} MEMIT_FAST_CACHE=/tmp/memit_fast_cache
+  [[ -n "${MEMIT_FAST_SEQ_GGUF:-}" ]] && export MEMIT_FAST_DEFAULT_GGUF=$MEMIT_FAST_SEQ_GGUF
+  export MEMIT_FAST_CACHE=/tmp/memit_fast_cache
   DEV=(--device cuda --batch-size 256 --edit-batch 25 --n-samples 2000)
   BENCH=(--per-batch "$N" --batches 10 --tokenizer .device/tokenizer --data $data/counterfact_250.json)
   stage convert 45 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
