@@ -109,9 +109,11 @@ def test_sequential_eval_curves(tmp_path, monkeypatch):
         assert [p["n_edits"] for p in curve] == [2, 4]
         assert [p["so_far"]["ES"]["n"] for p in curve] == [2, 4] and all(p["first_batch"]["ES"]["n"] == 2 for p in curve)
         assert all(p["GE"]["n"] == 2 and p["edit_s"] > 0 for p in curve)
+        assert [p["unedited_so_far"]["ES"]["n"] for p in curve] == [2, 4] and curve[-1]["unedited_so_far"]["NS"] == out["before"]["metrics"]["NS"]
+
     assert out["methods"]["memit"]["nullspace_threshold"] is None and out["methods"]["alphaedit"]["l2"] == 10.0
     text = markdown_sequential(out)
-    assert "### alphaedit (nullspace_threshold" in text and "| first batch: ES |" in text
+    assert "### alphaedit (nullspace_threshold" in text and "| first batch: ES |" in text and "unedited NS |" in text
     pytest.importorskip("matplotlib")
     plot_curves([out], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

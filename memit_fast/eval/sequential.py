@@ -43,7 +43,8 @@ def run_sequential(
 ) -> dict:
     """{"kind", "n_records", "mode", "edit_batch", "case_ids", "before": {"metrics"}, "methods":
     {method: {"curve": [point per batch], "edit_s": [...], "final": metrics}}, "timing_s"}; a point
-    is {"batch", "n_edits", "edit_s", "so_far": metrics, "first_batch": metrics, "GE": metric or None}.
+    is {"batch", "n_edits", "edit_s", "so_far": metrics, "first_batch": metrics, "GE": metric or None,
+    "unedited_so_far": the unedited model's metrics over the same records as so_far}.
     A KeyboardInterrupt (Ctrl-C, SIGINT) ends the run with the batches measured so far and
     result["interrupted"] saying where.
     editor_options: keyword arguments of memit_fast.Editor (nullspace_threshold, l2, stats, corpus, ...)."""
@@ -87,7 +88,8 @@ def run_sequential(
                 end = b.stop
                 res, dt = _timed(model, lambda: evaluate(model, tok, kind, records[:end], ids[:end], fluency=False, **ev))
                 point = {"batch": k + 1, "n_edits": ed.n_edits, "edit_s": batch.seconds, "eval_s": dt,
-                         "so_far": summarize(kind, res), "first_batch": summarize(kind, res[: len(batches[0])]), "GE": ge()}
+                         "so_far": summarize(kind, res), "first_batch": summarize(kind, res[: len(batches[0])]), "GE": ge(),
+                         "unedited_so_far": summarize(kind, before[:end])}
                 curve.append(point)
                 log(f"[eval] {method} after {ed.n_edits} edits: " + ", ".join(
                     f"{m} {point['so_far'][m]['mean']:.1f}" for m in CURVE_METRICS[kind] if m in point["so_far"])
@@ -134,11 +136,12 @@ def markdown_sequential(result: dict) -> str:
     for name, m in methods.items():
         extra = f" (nullspace_threshold {m['nullspace_threshold']:g}, l2 {m['l2']:g})" if m["nullspace_threshold"] is not None else ""
         keys = [k for k in CURVE_METRICS[kind] if k != "GE"]
+        groups = [("", "so_far"), ("first batch ", "first_batch")] + ([("unedited ", "unedited_so_far")] if all("unedited_so_far" in p for p in m["curve"]) else [])
         lines += ["", f"### {name}{extra}", "",
-                  "| batch | edits | edit s | " + " | ".join(keys) + " | first batch " + " | first batch ".join(keys) + " | GE |",
-                  "| ---: " * (4 + 2 * len(keys)) + "|"]
+                  "| batch | edits | edit s | " + " | ".join(f"{tag}{k}" for tag, _ in groups for k in keys) + " | GE |",
+                  "| ---: " * (4 + len(groups) * len(keys)) + "|"]
         for p in m["curve"]:
-            cells = [p["so_far"][k] for k in keys] + [p["first_batch"][k] for k in keys]
+            cells = [p[part][k] for _, part in groups for k in keys]
             ge = f"{p['GE']['mean']:.1f}" if p["GE"] else "-"
             lines.append(f"| {p['batch']} | {p['n_edits']} | {p['edit_s']:.2f} | " + " | ".join(f"{c['mean']:.1f}" for c in cells) + f" | {ge} |")
     lines += ["", "Times (s):", ""] + [f"- {k}: {v:.2f}" for k, v in result["timing_s"].items()]
@@ -148,7 +151,8 @@ def markdown_sequential(result: dict) -> str:
 def plot_curves(results: Sequence[dict], path: str) -> None:
     """One PNG: a panel per metric (CounterFact ES, PS, NS, GE; zsRE efficacy, paraphrase,
     specificity, S) against the number of edits, one colour per method (and data set when there
-    are several results), solid: the records edited so far, dashed: the first batch. Needs matplotlib."""
+    are several results), solid: the records edited so far, dashed: the first batch, grey dotted:
+    the unedited model on the records edited so far (the population of "so far" grows). Needs matplotlib."""
     try:
         import matplotlib
 
@@ -173,6 +177,8 @@ def plot_curves(results: Sequence[dict], path: str) -> None:
                         continue
                     ax.plot(xs, [r["before"]["metrics"][key]["mean"]] + [p["so_far"][key]["mean"] for p in m["curve"]], "o-", color=color, label=f"{tag}: edited so far", ms=3)
                     ax.plot(xs, [r["before"]["first_batch"][key]["mean"]] + [p["first_batch"][key]["mean"] for p in m["curve"]], "--", color=color, label=f"{tag}: first batch")
+                    if j == 0 and all("unedited_so_far" in p for p in m["curve"]):
+                        ax.plot(xs[1:], [p["unedited_so_far"][key]["mean"] for p in m["curve"]], ":", color="gray", label="unedited, the same records")
             ax.set_title(f"{kind}: {key}")
             ax.set_xlabel("edits made")
             ax.grid(alpha=0.3)
