@@ -8,9 +8,9 @@
 #      (N = MEMIT_FAST_SEQ_N, default 30: GPT-J's z costs ~43 ms per edit, so 2 x 10 x 30 edits fit
 #      the stage), the seconds per batch against the edits made before it.
 # Each stage has a time limit inside MEMIT_FAST_SEQ_BUDGET seconds (default 240). Files in $OUT
-# (at most 8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge OUT/records.jsonl),
-# eval_cf/ and eval_zsre/ results.json + report.md (+ curves.png when matplotlib is there; else draw
-# them here: python -m memit_fast.eval.sequential OUT/eval_*/results.json --out curves.png), summary.txt.
+# (8): run.log, records.jsonl (merge: python benchmarks/results_store.py merge OUT/records.jsonl),
+# eval_cf/ and eval_zsre/ results.json + report.md, curves.png of both (when matplotlib is there; else
+# draw it here: python -m memit_fast.eval.sequential OUT/eval_*/results.json --out curves.png), summary.txt.
 # CPU proof of the mechanics: MEMIT_FAST_SEQ_TINY=1 (the first 2 records in batches of 1, short
 # generations, the tiny GPT-J with N=4 for 3 batches; default model from the local package; stage
 # limits x30, budget MEMIT_FAST_SEQ_BUDGET as given).
@@ -54,13 +54,13 @@ else
   BENCH=(--per-batch "$N" --batches 10 --tokenizer .device/tokenizer --data $data/counterfact_250.json)
   stage convert 45 "$PY" -c "import memit_fast; print(memit_fast.default_model.convert())"
 fi
-PLOT=(); "$PY" -c "import matplotlib" 2>/dev/null || PLOT=(--no-plot)
-EV=("$PY" -m memit_fast.eval --sequential --method alphaedit,memit --corpus $data/wikitext-2-raw-wiki.test.raw --quiet "${DEV[@]}" "${PLOT[@]}")
+EV=("$PY" -m memit_fast.eval --sequential --method alphaedit,memit --corpus $data/wikitext-2-raw-wiki.test.raw --quiet --no-plot "${DEV[@]}")
 stage seq_cf 85 "${EV[@]}" --data $data/counterfact_250.json --out "$OUT/eval_cf"
 stage seq_zsre 55 "${EV[@]}" --data $data/zsre_eval_300.json --out "$OUT/eval_zsre"
 for f in "$OUT"/eval_cf/results.json "$OUT"/eval_zsre/results.json; do
   [[ -f $f ]] && "$PY" -m benchmarks.sequential_bench records "$f" --path "$OUT/records.jsonl" --command "bash benchmarks/device/run_sequential.sh" >>"$LOG" 2>&1
 done
+"$PY" -m memit_fast.eval.sequential "$OUT"/eval_*/results.json --out "$OUT/curves.png" >>"$LOG" 2>&1 || echo "no curves.png (matplotlib missing?)" >>"$LOG"
 left=$((BUDGET - SECONDS - 5))
 stage gptj_batches $((left / SCALE)) "$PY" -m benchmarks.sequential_bench time --model gpt-j-6b "${BENCH[@]}" --budget $((left - 5)) --records "$OUT/records.jsonl"
 {
