@@ -132,3 +132,28 @@ def test_merge_results_joins_methods_of_the_same_records():
     joined = merge_results([result("memit"), result("alphaedit"), result("memit", ids=(3, 4))])
     assert [sorted(r["methods"]) for r in joined] == [["alphaedit", "memit"], ["memit"]]
     assert joined[0]["timing_s"] == {"eval_before": 1.0, "memit_total": 2.0, "alphaedit_total": 2.0}
+
+
+def test_sequential_eval_interrupted_keeps_the_batches_done(tmp_path, monkeypatch):
+    import tiny
+    from memit_fast import editor
+    from memit_fast.eval.sequential import run_sequential
+
+    m = tiny.model("llama")
+    hp = tiny.hparams(m)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    real, calls = editor.Editor.edit, []
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, requests)
+
+    monkeypatch.setattr(editor.Editor, "edit", edit)
+    out = run_sequential(m, tiny.tokenizer(), _records(), kind="counterfact", methods=["memit", "alphaedit"], edit_batch=2, hparams=hp,
+                         fluency=False, log=lambda s: None,
+                         editor_options={"stats": tiny.stats(m, hp), "context_templates": tiny.TEMPLATES, "progress": False, "cache_dir": tmp_path})
+    assert out["interrupted"] == "memit: interrupted after 1 of 2 batches" and list(out["methods"]) == ["memit"]
+    assert len(out["methods"]["memit"]["curve"]) == 1
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
