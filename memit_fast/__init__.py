@@ -10,6 +10,7 @@ from .api import apply, restore
 from .artifacts import apply_edits, export_peft, load_edits, save_edits
 from .config import EditConfig
 from .default_model import load_default_model
+from .editor import Editor
 from .easyedit import requests_from_easyedit
 from .errors import ArtifactError, ConfigError, HyperParamsError, MemitError, RequestError, SolveError, StatsError, TargetError
 from .hparams import MEMITHyperParams
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "apply",
     "restore",
+    "Editor",
     "compute_stats",
     "save_edits",
     "load_edits",

@@ -3,6 +3,8 @@ critical layers, lowest first, each layer solving (lam C^l + K K^T) A = K and ad
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -56,9 +58,13 @@ def apply_update(
     batch_tokens: int = 8192,
     progress: bool = True,
     timer=NO_TIMER,
+    layer_solve: Callable[[RewriteWeight, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
     requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout.
+    layer_solve(weight, keys (n, d_ff), residual (n, d_model)) -> delta (d_model, d_ff): another
+    per-layer solve in place of MEMIT's `layer_delta` (the projected solve of
+    memit_fast.sequential); `covs` is then not read.
     Several ranks (memit_fast.distributed): each reads the keys of its share of the requests and
     the rows are gathered; layer i is solved on rank i mod N and its delta broadcast; the edited
     weights are checked bit-identical on every rank at the end. Each layer is solved on its
@@ -74,11 +80,11 @@ def apply_update(
         dev = w.param.device
         with timer("solve"), distributed.device_guard(dev):
             residual = ((z - cur) / (len(weights) - i)).to(dev)
-            delta = distributed.on_owner(
-                f"the solve of layer {w.layer}", i,
-                lambda: layer_delta(covs[w.layer], keys.to(dev), residual, hparams.mom2_update_weight, solve_method),
-                (w.d_model, w.d_ff), torch.float64, dev,
-            )  # fmt: skip
+            if layer_solve is None:
+                solve = lambda: layer_delta(covs[w.layer], keys.to(dev), residual, hparams.mom2_update_weight, solve_method)  # noqa: E731
+            else:
+                solve = lambda: layer_solve(w, keys.to(dev), residual)  # noqa: E731
+            delta = distributed.on_owner(f"the solve of layer {w.layer}", i, solve, (w.d_model, w.d_ff), torch.float64, dev)
         with timer("weight update"), distributed.device_guard(dev):
             distributed.agreed(f"the weight update of layer {w.layer}", write_layer, w, delta)
         deltas[w.name] = delta

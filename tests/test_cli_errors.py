@@ -90,6 +90,9 @@ CASES = {
     "eval existing --out": (lambda f: (f / "out").mkdir() or put(f / "out" / "results.json", "{}")
                             or ["eval", "--data", str(f / "zsre.json"), "--out", str(f / "out")], "pass --overwrite"),
     "eval missing --data": (lambda f: ["eval", "--data", str(f / "nope.json")], "data file not found"),
+    "eval --method without --sequential": (lambda f: ["eval", "--data", str(f / "zsre.json"), "--method", "alphaedit"], "go with --sequential"),
+    "eval unknown --method": (lambda f: ["eval", "--data", str(f / "zsre.json"), "--sequential", "--method", "rome"], "distinct methods of memit, alphaedit"),
+    "eval --sequential --no-edit": (lambda f: ["eval", "--data", str(f / "zsre.json"), "--sequential", "--no-edit"], "does not go with --no-edit"),
     "stats bad --layers": (lambda f: ["stats", "--layers", "2,x"], "not a comma-separated list"),
 }  # fmt: skip
 

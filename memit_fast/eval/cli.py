@@ -37,11 +37,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--edits", "--limit", dest="edits", type=positive_int, default=None, metavar="N", help="use the first N records (default: all)")
     a("--batch-size", type=positive_int, default=64, metavar="B", help="(prompt, target) pairs per forward")
     a("--edit-batch", type=positive_int, default=None, metavar="E", help="edit in batches of E (default: all N)")
-    a("--sequential", action="store_true", help="apply the edit batches one after another, then evaluate")
+    a("--sequential", action="store_true", help="edit the batches one after another with memit_fast.Editor and evaluate after every "
+      "batch: the records edited so far, the first batch, fluency GE (docs/sequential.md); writes curves.png into --out")
+    a("--method", type=_methods, default=None, metavar="M[,M]", help="with --sequential: memit, alphaedit or both, comma-separated (default memit)")
+    a("--nullspace-threshold", type=float, default=None, metavar="T", help="alphaedit: eigenvalues of C^l below T span the null space (default 2e-2)")
+    a("--l2", type=float, default=None, metavar="L", help="alphaedit: the ridge term of the projected solve (default 10)")
+    a("--fluency-records", type=positive_int, default=10, metavar="F", help="with --sequential: GE on the first F records' generation prompts")
+    a("--no-plot", action="store_true", help="with --sequential: no curves.png (python -m memit_fast.eval.sequential draws it later)")
     a("--no-edit", action="store_true", help="evaluate the unedited model only")
     a("--no-fluency", action="store_true", help="skip generation and n-gram entropy (CounterFact)")
     a("--gen-length", type=positive_int, default=100, metavar="T", help="tokens per generated text with its prompt")
     a("--out", default=None, metavar="DIR", help="write results.json (with per-record values) and report.md into DIR")
+
+
+def _methods(text: str) -> list[str]:
+    """argparse type of --method: a comma-separated list of memit_fast.sequential.METHODS."""
+    from ..sequential import METHODS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in METHODS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct methods of {', '.join(METHODS)}, comma-separated")
+    return names
 
 
 def check_records(path: str, kind: str) -> tuple[list[dict], str]:
@@ -107,10 +124,22 @@ def run(args) -> int:
     records, kind = check_records(args.data, args.kind)
     if args.edits is not None:
         records = records[: args.edits]
+    if not args.sequential and (args.method or args.nullspace_threshold is not None or args.l2 is not None):
+        raise UsageError("--method, --nullspace-threshold and --l2 go with --sequential")
+    if args.sequential and args.no_edit:
+        raise UsageError("--sequential edits: it does not go with --no-edit")
+    plot = args.sequential and args.out and not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--sequential draws curves.png with matplotlib, which is not installed: pip install matplotlib, or pass --no-plot") from None
     if args.out:
         check_out(args.out, args.overwrite)
     spec = model_spec(args)
     model, tok, hparams = spec.load()
+    if args.sequential:
+        return _run_sequential(args, records, kind, model, tok, hparams, plot)
     load_at_start = os.getloadavg()[0]
     result = run_evaluation(
         model,
@@ -138,4 +167,28 @@ def run(args) -> int:
         with output_dir(args.out) as tmp:
             write_json(tmp / "results.json", result)
             (tmp / "report.md").write_text(text, encoding="utf-8")
+    return 0
+
+
+def _run_sequential(args, records, kind, model, tok, hparams, plot: bool) -> int:
+    """--sequential: the curves of each --method (memit_fast.eval.sequential), report and results.json."""
+    from .sequential import markdown_sequential, plot_curves, run_sequential
+
+    load_at_start = os.getloadavg()[0]
+    tuning = {k: v for k, v in (("nullspace_threshold", args.nullspace_threshold), ("l2", args.l2)) if v is not None}
+    result = run_sequential(
+        model, tok, records, kind=kind, methods=args.method or ["memit"], edit_batch=args.edit_batch or len(records),
+        hparams=hparams, batch_size=args.batch_size, fluency=not args.no_fluency, fluency_records=args.fluency_records,
+        gen_length=args.gen_length, seed=args.seed, log=log.info,
+        editor_options=tuning | {"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet},
+    )  # fmt: skip
+    result["meta"] = _meta(args, model, kind, load_at_start) | {"statistics_corpus": args.corpus or hparams.mom2_dataset, "hparams": hparams.to_dict()}
+    text = markdown_sequential(result)
+    print(text)
+    if args.out:
+        with output_dir(args.out) as tmp:
+            write_json(tmp / "results.json", result)
+            (tmp / "report.md").write_text(text, encoding="utf-8")
+            if plot:
+                plot_curves([result], str(tmp / "curves.png"))
     return 0
