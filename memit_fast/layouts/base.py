@@ -137,9 +137,12 @@ class Layout(HeadAccess):
     # attention over a cached prefix by `prefix_attention` (True), or by SDPA after joining the
     # prefix's keys and values to the rows' own (False: kept for benchmarks/z_probe.py's comparison)
     split_prefix_attention = True
-    # z's prefix cache holds each context template once per chunk (`shared_suffix_runner`) (True),
-    # or every row's whole prefix (False: kept for benchmarks/z_probe.py's comparison)
-    shared_prefix = True
+    # z's prefix cache holds each context template once per chunk (`shared_suffix_runner`, True),
+    # or every row's whole prefix (False, the default). Measured on an H200 (GPT-J, benchmarks/NOTES.md,
+    # session 3): at the default chunking the per-row cache ran 174 TFLOP/s, the shared one 152; at
+    # 4,096-token chunks the shared one ran 179 (per-row 170) in 25% less memory, so it waits for a
+    # chunk estimate calibrated to it (benchmarks/z_probe.py --prefix shared,per-row compares them)
+    shared_prefix = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -268,7 +271,9 @@ class Layout(HeadAccess):
         """(h, ctx) on block i's device (that of its W_out): a model split over GPUs
         (memit_fast.distributed.balanced_device_map); unchanged on one device."""
         device = self.w_out(i).weight.device
-        return (h, ctx) if h.device == device else (h.to(device), ctx.on(device))
+        # the context too, even when h is already there: a block after the first one on this GPU
+        # gets h from its predecessor and the context of the caller's device
+        return (h if h.device == device else h.to(device)), ctx.on(device)
 
     # ---- what the stages use ----
     def start(self, ids: torch.Tensor, positions: torch.Tensor | None = None, prefix: PrefixCache | None = None) -> tuple[torch.Tensor, Context]:
