@@ -127,16 +127,18 @@ def profile_tables(recs: list[dict]) -> list[str]:
             out.append(f"| {n:,} | {_s(total['params']['fast_s'])} | {_s(total['params']['reference_s'])} ({total.get('note', '')}) | "
                        f"{total['value']}x | {z['value'] if z else '-'}x |")
         out.append("")
-    passes = list(dict.fromkeys(r["name"] for r in recs if r["kind"] == "stats"))
+    # the statistics passes of profile_edits (distributed_bench's stats records have their own shape)
+    stats = [r for r in recs if r["kind"] == "stats" and "layers" in (r.get("params") or {})]
+    passes = list(dict.fromkeys(r["name"] for r in stats))
     if passes:
-        p0 = _value(recs, kind="stats")
+        p0 = stats[0]
         out += [f"Statistics (compute_stats; layers {p0['params']['layers']}, documents {p0['params']['doc_length']}, cut at "
                 f"{p0['shape']['max_length']} tokens, d_ff {p0['shape']['d_ff']}), extrapolated linearly to "
                 f"{p0['params']['target_tokens'] / 1e6:.0f}M tokens:", "",
                 "| pass | tokens measured | tokens/s | tokens/s without tokenisation | 44M tokens | 44M without tokenisation | TFLOP/s | peak GiB |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name in passes:
-            v = {r["metric"]: r for r in recs if r["kind"] == "stats" and r["name"] == name}
+            v = {r["metric"]: r for r in stats if r["name"] == name}
             out.append(f"| {name} | {v['rate']['shape']['tokens']:,} | {_n(v['rate']['value'])} | {_n(v['rate_without_tokenise']['value'])} | "
                        f"{_s(v['time_44M']['value'])} | {_s(v['time_44M_without_tokenise']['value'])} | {_n(v['tflops']['value'])} | "
                        f"{_n(v['peak_memory']['value'])} |")

@@ -434,11 +434,11 @@ def cmd_trace(args) -> int:
     if args.fact_plots < 0:
         raise UsageError(f"--fact-plots must be >= 0, got {args.fact_plots}")
     facts = facts[: args.limit] if args.limit else facts
+    check_out(args.out, args.overwrite)
     if not args.no_plots:
         from .trace_plot import require_matplotlib
 
         require_matplotlib()
-    check_out(args.out, args.overwrite)
     model, tok, hp = model_spec(args).load()
     result = causal_trace(model, tok, facts, hp, samples=args.samples, noise=args.noise, noise_std=args.noise_std, window=args.window,
                           answer=args.answer, seed=args.seed, batch_tokens=args.batch_tokens, mode=args.mode,
