@@ -122,7 +122,7 @@ class Edits:
             "memit_fast": self.memit_fast_version,
             "form": format,
             "tensors": tensor_file.name,
-            "tensors_sha256": _sha256(tensor_file),
+            "tensors_sha256": file_sha256(tensor_file),
             "dtype": str(self.dtype).removeprefix("torch."),
             "base_model": self.base_model,
             "hparams": self.hparams.to_dict(),
@@ -247,7 +247,7 @@ def load_edits(directory: str | Path) -> Edits:
     tensor_file = directory / meta["tensors"]
     if not tensor_file.is_file():
         raise ArtifactError(f"{tensor_file} not found")
-    if _sha256(tensor_file) != meta["tensors_sha256"]:
+    if file_sha256(tensor_file) != meta["tensors_sha256"]:
         raise ArtifactError(f"{tensor_file} does not match its checksum in {META_FILE}: the file was changed or truncated")
     tensors = load_file(str(tensor_file))
     dtype = getattr(torch, meta["dtype"])
@@ -324,7 +324,8 @@ def _tensor(tensors: dict, key: str, shape: tuple[int, int], where: Path) -> tor
     return tensors[key]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .api import _covariances, _eval_no_param_grads, restore
+from .artifacts import file_sha256
 from .cache import default_cache_dir, model_fingerprint
 from .config import EditConfig
 from .corpus import check_corpus_spec
@@ -232,7 +233,7 @@ class Editor:
             tensors |= {f"keys.{layer}": k for layer, k in b.keys.items()}
             fname = f"batch_{i:04d}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / fname))
-            batches.append({"file": fname, "sha256": _file_sha256(directory / fname), "requests": b.requests, "seconds": b.seconds,
+            batches.append({"file": fname, "sha256": file_sha256(directory / fname), "requests": b.requests, "seconds": b.seconds,
                             "forms": {name: d[0] for name, d in b.deltas.items()}})
         if self._accs is not None:
             save_file({f"{layer}.{part}": getattr(acc, part).cpu().contiguous() for layer, acc in self._accs.items() for part in ("kk", "proj")},
@@ -285,7 +286,7 @@ class Editor:
         history = []
         for b in meta["batches"]:
             path = directory / b["file"]
-            if not path.is_file() or _file_sha256(path) != b["sha256"]:
+            if not path.is_file() or file_sha256(path) != b["sha256"]:
                 raise ArtifactError(f"{path} is missing or does not match its checksum in {SESSION_FILE}")
             t = load_file(str(path))
             deltas = {name: ("factors", t[f"{name}.R"], t[f"{name}.A"]) if form == "factors" else ("dense", t[f"{name}.delta"])
@@ -309,11 +310,3 @@ class Editor:
 
 def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

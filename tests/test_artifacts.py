@@ -143,7 +143,7 @@ def test_refusals(tmp_path):
         load_edits(tmp_path / "e")
     meta_path = tmp_path / "e" / "edits.json"
     meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps(meta | {"tensors_sha256": memit_fast.artifacts._sha256(tmp_path / "e" / "edits.safetensors")}))
+    meta_path.write_text(json.dumps(meta | {"tensors_sha256": memit_fast.artifacts.file_sha256(tmp_path / "e" / "edits.safetensors")}))
     with pytest.raises(ArtifactError, match="lacks tensor"):
         load_edits(tmp_path / "e")
     (tmp_path / "e" / "edits.safetensors").unlink()

@@ -161,12 +161,7 @@ def run(args) -> int:
         "statistics_corpus": args.corpus or hparams.mom2_dataset,
         "hparams": hparams.to_dict(),
     }
-    text = markdown_report(result)
-    print(text)
-    if args.out:
-        with output_dir(args.out) as tmp:
-            write_json(tmp / "results.json", result)
-            (tmp / "report.md").write_text(text, encoding="utf-8")
+    _report(args.out, result, markdown_report(result))
     return 0
 
 
@@ -183,12 +178,16 @@ def _run_sequential(args, records, kind, model, tok, hparams, plot: bool) -> int
         editor_options=tuning | {"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet},
     )  # fmt: skip
     result["meta"] = _meta(args, model, kind, load_at_start) | {"statistics_corpus": args.corpus or hparams.mom2_dataset, "hparams": hparams.to_dict()}
-    text = markdown_sequential(result)
+    _report(args.out, result, markdown_sequential(result), (lambda tmp: plot_curves([result], str(tmp / "curves.png"))) if plot else None)
+    return 0
+
+
+def _report(out: str | None, result: dict, text: str, also=None) -> None:
+    """Print the report; with --out, write results.json and report.md there (and also(folder))."""
     print(text)
-    if args.out:
-        with output_dir(args.out) as tmp:
+    if out:
+        with output_dir(out) as tmp:
             write_json(tmp / "results.json", result)
             (tmp / "report.md").write_text(text, encoding="utf-8")
-            if plot:
-                plot_curves([result], str(tmp / "curves.png"))
-    return 0
+            if also is not None:
+                also(tmp)
