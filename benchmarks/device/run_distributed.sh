@@ -30,18 +30,7 @@ export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null |
 export NCCL_NVLS_ENABLE=0  # no NVLink multicast
 LOG=$OUT/run.log
 REC=$OUT/records.jsonl
-STATUS=()
-stage() {  # stage NAME SECONDS CMD...: run with a time limit (SIGINT first, then KILL 20 s later)
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS left=$((BUDGET - SECONDS))
-  ((limit > left)) && limit=$left
-  if ((limit < 20)); then STATUS+=("$name: skipped, ${left}s left"); return; fi
-  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
-  timeout -s INT -k 20 "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
-  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
-}
+. "$(dirname "$0")/stage.sh"
 {
   echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

@@ -25,18 +25,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG=$OUT/run.log
-STATUS=()
-stage() {  # stage NAME SECONDS CMD...: run with a time limit
-  local name=$1 limit=$(($2 * SCALE)); shift 2
-  local t0=$SECONDS left=$((BUDGET - SECONDS))
-  ((limit > left)) && limit=$left
-  if ((limit < 10)); then STATUS+=("$name: skipped, ${left}s left"); return; fi
-  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
-  timeout -s INT -k 10 "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
-  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
-}
+STAGE_MIN=10 STAGE_KILL=10 STAGE_SCALE=$SCALE
+. "$(dirname "$0")/stage.sh"
 {
   echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

@@ -1,0 +1,18 @@
+# Sourced by the device scripts (after BUDGET and LOG are set):
+#   stage NAME SECONDS CMD...
+# runs CMD with a time limit of SECONDS x STAGE_SCALE, cut to what is left of BUDGET seconds;
+# SIGINT first (so pytest and the benchmarks report what they have), KILL STAGE_KILL seconds
+# later; output to $LOG; skipped when the limit would be under STAGE_MIN seconds. Each stage's
+# outcome is appended to STATUS.
+STATUS=()
+stage() {
+  local name=$1 limit=$(($2 * ${STAGE_SCALE:-1})); shift 2
+  local t0=$SECONDS left=$((BUDGET - SECONDS))
+  ((limit > left)) && limit=$left
+  if ((limit < ${STAGE_MIN:-20})); then STATUS+=("$name: skipped, ${left}s left"); return; fi
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
+  timeout -s INT -k "${STAGE_KILL:-20}" "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
