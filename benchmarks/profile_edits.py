@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=None, help="seconds for this whole run: later steps are skipped when predicted not to fit")
     parser.add_argument("--steps", type=int, default=None, help="v_num_grad_steps (default: the published value)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="passed to apply (default: the core's choice from free memory)")
+    parser.add_argument("--memory-cap-gib", type=float, default=None, help="passed to apply (EditConfig.memory_cap_gib; default: no cap)")
+    parser.add_argument("--stats-device", choices=["cpu", "model"], default="cpu",
+                        help="where the synthetic statistics live: cpu (default), as load_stats returns cached ones; model: on its device")
     parser.add_argument("--solve-method", default="auto", help="passed to apply in fast mode")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="model dtype (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None)
@@ -180,7 +183,7 @@ def run_apply(model, tok, requests, hp, stats, *, mode: str, args, templates_s: 
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if CUDA else 0
-    kw = dict(chunk_tokens=args.chunk_tokens, solve_method=args.solve_method) if mode == "fast" else {}
+    kw = dict(chunk_tokens=args.chunk_tokens, solve_method=args.solve_method, memory_cap_gib=args.memory_cap_gib) if mode == "fast" else {}
     t0 = time.perf_counter()
     orig = None
     try:
@@ -273,10 +276,12 @@ def _profile(prof: Profiler, args) -> None:
         "parameters": sum(p.numel() for p in model.parameters()), "model_gib": gib(model_bytes), "model_build_s": round(build_s, 2),
         "hparams": {k: getattr(hp, k) for k in ("layers", "v_loss_layer", "v_num_grad_steps", "v_lr", "mom2_update_weight", "clamp_norm_factor", "v_weight_decay", "kl_factor")},
         "early_stop": "never reached with random weights: every request runs all v_num_grad_steps (worst case for z)",
-        "statistics": "cached: synthetic SPD C (float32, d_ff x d_ff) per layer passed as stats; no statistics time in edit runs",
+        "statistics": f"cached: synthetic SPD C (float32, d_ff x d_ff) per layer passed as stats, on the {args.stats_device}"
+                      f"{' (as load_stats returns cached statistics)' if args.stats_device == 'cpu' else ''}; no statistics time in edit runs",
         "templates": synthetic.TEMPLATES, "tokenizer": getattr(tok, "name_or_path", "") or "fallback BPE (no tokenizer found)",
         "tokenizer_vocab": len(tok), "requests": "CounterFact prompts and targets, distinct subjects (records' own, then prefixed by another subject's first word)",
         "chunk_tokens": args.chunk_tokens or "core default (from free memory)", "solve_method_fast": args.solve_method,
+        "memory_cap_gib": args.memory_cap_gib,
     }
 
     stats = None
@@ -284,6 +289,8 @@ def _profile(prof: Profiler, args) -> None:
         def make_stats():
             t0 = time.perf_counter()
             s = synthetic.synthetic_stats(model, hp, seed=args.seed)
+            if args.stats_device == "cpu":
+                s = {layer: type(v)(v.mom2.cpu(), v.count) for layer, v in s.items()}
             sync()
             prof.doc["conditions"]["stats_gib"] = gib(sum(v.mom2.numel() * v.mom2.element_size() for v in s.values()))
             prof.doc["conditions"]["stats_build_s"] = round(time.perf_counter() - t0, 2)
@@ -490,7 +497,7 @@ def profile_records(doc: dict, ctx: dict) -> list[dict]:
     cond, env = doc.get("conditions", {}), doc.get("environment", {})
     ctx = dict(ctx, date=env.get("date", ctx["date"]), commit=str(env.get("commit") or ctx["commit"]))
     common = dict(model=cond.get("model"), dtype=cond.get("dtype"))
-    keep = ("tiny", "hparams", "chunk_tokens", "solve_method_fast", "stats_gib", "model_gib", "templates_sampling_s", "parameters",
+    keep = ("tiny", "hparams", "chunk_tokens", "memory_cap_gib", "solve_method_fast", "stats_gib", "model_gib", "templates_sampling_s", "parameters",
             "request_lengths", "weights", "early_stop", "statistics")
     conditions = {k: cond[k] for k in keep if k in cond}
     if env.get("attn_implementation"):

@@ -83,6 +83,8 @@ def apply(
     timer = cfg.timer or NO_TIMER
     ranks = f", {distributed.world()} ranks" if distributed.active() else ""
     log.info("editing %d requests into layers %s (%s mode%s)", len(reqs), hparams.layers, cfg.mode, ranks)
+    if cfg.memory_cap_gib is not None and model_device(model).type != "cuda":
+        log.warning("memory_cap_gib=%s caps GPU memory; the model is on %s, so it changes nothing", cfg.memory_cap_gib, model_device(model))
     with _eval_no_param_grads(model):
         with timer("templates"):
             templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))
@@ -102,7 +104,7 @@ def apply(
                 log.info("update: solve method %s", cfg.solve_method)
                 apply_update(
                     model, tok, encoded, hparams, z, templates, covs, weights, layout, solve_method=cfg.solve_method,
-                    batch_tokens=cfg.keys_batch_tokens, progress=cfg.progress, timer=timer,
+                    batch_tokens=cfg.keys_batch_tokens, offload=cfg.memory_cap_gib is not None, progress=cfg.progress, timer=timer,
                 )  # fmt: skip
         except BaseException:
             restore(model, backup)
@@ -201,14 +203,19 @@ def _compute_z(model, tok, encoded, hparams, cfg: EditConfig, layout) -> torch.T
     the requests (balanced by their prompt tokens) and the rows are gathered in order."""
     mine, parts = distributed.my_share([z_tokens(r) for r in encoded])
     if parts is None:
-        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, memory_cap=_cap_bytes(cfg), progress=cfg.progress, layout=layout)
 
     def local() -> torch.Tensor:
         if not mine:
             return torch.empty(0, hidden_size(model), dtype=float_dtype(model), device=model_device(model))
-        return compute_targets(model, tok, [encoded[i] for i in mine], hparams, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=layout)
+        return compute_targets(model, tok, [encoded[i] for i in mine], hparams, chunk_tokens=cfg.chunk_tokens, memory_cap=_cap_bytes(cfg),
+                               progress=cfg.progress, layout=layout)
 
     return distributed.gather_rows(distributed.agreed("z", local), parts)
+
+
+def _cap_bytes(cfg: EditConfig) -> float | None:
+    return None if cfg.memory_cap_gib is None else cfg.memory_cap_gib * 2**30
 
 
 def z_tokens(r) -> int:
@@ -282,6 +289,8 @@ def _covariances(model, tok, hparams, weights, cfg: EditConfig, layout) -> dict[
         s = stats[w.layer]
         mom2, count = (s.mom2, s.count) if isinstance(s, LayerStats) else (s, 1)
         check_stats(mom2, count, f"statistics of layer {w.layer}")
+        if cfg.memory_cap_gib is not None and cfg.stats is None:
+            mom2 = mom2.cpu()  # computed here: it waits for its solve on the CPU (1 GiB per GPT-J layer)
         if mom2.shape[0] != w.d_ff:
             raise StatsError(f"statistics of layer {w.layer} are {tuple(mom2.shape)}, the layer's keys have d_ff={w.d_ff}")
         covs[w.layer] = mom2

@@ -311,7 +311,10 @@ def _next_token(model, tok, prompt: str, target: str) -> tuple[str, float, float
 
 def _settings(args) -> dict:
     """apply's run settings (memit_fast.config.EditConfig fields) from the common options."""
-    return {"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet}
+    settings = {"corpus": args.corpus, "cache_dir": args.cache_dir, "seed": args.seed, "progress": not args.quiet}
+    if getattr(args, "memory_cap_gib", None) is not None:
+        settings["memory_cap_gib"] = args.memory_cap_gib
+    return settings
 
 
 def cmd_demo(args) -> int:
@@ -526,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", choices=["edits", "peft", "model"], default="edits",
                    help="edits: the edit as exact low-rank factors with its base model, hparams and requests (load_edits reads it); "
                         "peft: a PEFT LoRA adapter of the same factors; model: the whole edited model")
+    p.add_argument("--memory-cap-gib", type=float, metavar="GIB", help="GPU memory the edit may hold allocated in all, the model "
+                   "included: z runs in smaller chunks, statistics and the key pass's hidden states wait on the CPU (default: no cap)")
     p.add_argument("--mode", choices=["fast", "reference"], default="fast",
                    help="fast: batched; reference: the original's structure, one request at a time (slow)")
     p.set_defaults(func=cmd_edit)

@@ -32,6 +32,16 @@ def _positive_int(name: str, text: str) -> int:
     return value
 
 
+def _gib(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name}={text!r} must be a positive number of GiB")
+    return value
+
+
 def _block(name: str, text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(name, text)
 
@@ -69,6 +79,9 @@ ENV: dict[str, EnvVar] = {
     "MEMIT_FAST_Z_CHUNK_TOKENS": EnvVar(
         _positive_int, lambda: None,
         "suffix tokens per z batch, to trade speed for memory (EditConfig.chunk_tokens; unset: from free memory)"),
+    "MEMIT_FAST_MEMORY_CAP_GIB": EnvVar(
+        _gib, lambda: None,
+        "GiB of GPU memory an edit may hold allocated in all, the model included (EditConfig.memory_cap_gib; unset: no cap)"),
     "MEMIT_FAST_POTRF_BLOCK": EnvVar(
         _block, lambda: 2048, "largest block of the float64 Cholesky factorisation (0: one cuSOLVER call)"),
     "MEMIT_FAST_POTRS_BLOCK": EnvVar(
@@ -101,6 +114,9 @@ class EditConfig:
     mode: "fast" (batched) or "reference" (the original's structure, the oracle).
     solve_method: the update's solve, one of memit_fast.solve.METHODS ("auto" picks by cost).
     chunk_tokens: suffix tokens per z batch (memory cap of the z stage); None: from free memory.
+    memory_cap_gib: GiB of GPU memory the edit may hold allocated, the model included: z chunks
+        fit under it, computed statistics wait on the CPU, the key pass keeps its hidden states on
+        the CPU; None: no cap (z chunks of 20 GiB at most).
     stats_batch_tokens: padded tokens per statistics forward (memory cap); None: the stage's default.
     keys_batch_tokens: tokens per forward when the update computes keys (memory cap).
     corpus: statistics corpus (a text file, a list of strings, "model", or a dataset name; None:
@@ -115,6 +131,7 @@ class EditConfig:
     mode: str = "fast"
     solve_method: str = "auto"
     chunk_tokens: int | None = _env("MEMIT_FAST_Z_CHUNK_TOKENS")
+    memory_cap_gib: float | None = _env("MEMIT_FAST_MEMORY_CAP_GIB")
     stats_batch_tokens: int | None = None
     keys_batch_tokens: int = 8192
     corpus: Any = None
@@ -136,6 +153,9 @@ class EditConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        cap = self.memory_cap_gib
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
+            raise ConfigError(f"memory_cap_gib must be a positive number of GiB, got {cap!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.cache_dir is None:

@@ -12,6 +12,19 @@ from contextlib import contextmanager
 
 import torch
 
+# the allocator's high-water mark from before the last `restart_peak` (0 after a phase starts):
+# code that measures its own peak resets the allocator's, and the phase keeps the higher one
+_earlier_peak = 0
+
+
+def restart_peak() -> int:
+    """Reset the CUDA allocator's high-water mark (a region measuring its own peak, e.g. one z
+    chunk) without losing it for the enclosing PhaseTimer phase; returns memory_allocated()."""
+    global _earlier_peak
+    _earlier_peak = max(_earlier_peak, torch.cuda.max_memory_allocated())
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
 
 class PhaseTimer:
     """Records (phase, seconds, peak CUDA memory in bytes) for each timed region.
@@ -26,10 +39,12 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
+        global _earlier_peak
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            _earlier_peak = 0
         if self.nvtx and cuda:
             torch.cuda.nvtx.range_push(phase)
         start = time.perf_counter()
@@ -41,7 +56,7 @@ class PhaseTimer:
             seconds = time.perf_counter() - start
             if self.nvtx and cuda:
                 torch.cuda.nvtx.range_pop()
-            self.records.append((phase, seconds, torch.cuda.max_memory_allocated() if cuda else 0))
+            self.records.append((phase, seconds, max(torch.cuda.max_memory_allocated(), _earlier_peak) if cuda else 0))
 
     def totals(self) -> dict[str, dict]:
         """{phase: {"seconds": total, "peak_gib": max, "calls": n}} in first-seen order."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
 from .model_access import float_dtype, hidden_size, model_device
@@ -157,6 +157,7 @@ def compute_targets(
     hparams: MEMITHyperParams,
     *,
     chunk_tokens: int | None = None,
+    memory_cap: float | None = None,
     progress: bool = True,
     layout=None,
     cuda_graphs: bool = False,
@@ -164,21 +165,32 @@ def compute_targets(
 ) -> torch.Tensor:
     """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one
     row per request (encoded with `tokens.encode_requests`). layout: the model's
-    `memit_fast.layouts` layout (resolved here when not given). cuda_graphs: replay each chunk's
-    blocks L+1..v_loss_layer (forward and backward) from a CUDA graph while its batch keeps its
-    rows. Off by default: on an H200, GPT-J chunks of 4,488 suffix tokens ran at 135 TFLOP/s
-    with graphs (capture included) against 151 eager (benchmarks/NOTES.md). steps_out: an (n,)
-    integer tensor that receives the number of Adam steps each request took before its stop rule
-    (the early-stop loss, or v_num_grad_steps - 1)."""
+    `memit_fast.layouts` layout (resolved here when not given). chunk_tokens: padded suffix tokens
+    per chunk; None on a GPU: chunks sized by memory (`ChunkPlanner`), within `memory_cap` bytes of
+    allocated GPU memory in all when given. cuda_graphs: replay each chunk's blocks
+    L+1..v_loss_layer (forward and backward) from a CUDA graph while its batch keeps its rows. Off
+    by default: on an H200, GPT-J chunks of 4,488 suffix tokens ran at 135 TFLOP/s with graphs
+    (capture included) against 151 eager (benchmarks/NOTES.md). steps_out: an (n,) integer tensor
+    that receives the number of Adam steps each request took before its stop rule (the early-stop
+    loss, or v_num_grad_steps - 1)."""
     layout = layout or layout_for(model, hparams)
     rows = [build_rows(r) for r in requests]
-    # Chunks of requests with similar suffix lengths: about chunk_tokens padded suffix tokens each
-    # when asked (4096 off the GPU), else as many as the GPU memory estimate allows, the cached
-    # prefix counted (_chunk_memory).
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
+    planner = None if chunk_tokens else ChunkPlanner.for_model(model, layout, hparams, memory_cap)
+    z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
+    bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
+    n_chunks = 0
+
+    def run(chunk: list[int], templates: list[list[int]]) -> None:
+        nonlocal n_chunks
+        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], templates, hparams, bar, cuda_graphs)
+        if steps_out is not None:
+            steps_out[chunk] = steps.cpu()
+        n_chunks += 1
+
     # requests whose KL row is read from the bare row (shortcut 5) are chunked apart from the
     # others, so each request is computed the same way whichever requests share its chunk
-    chunks, shared, memory = [], [], None
+    shares = False
     for shortcut in (True, False):
         group = [i for i, r in enumerate(rows) if r.kl_in_bare == shortcut]
         if not group:
@@ -186,36 +198,32 @@ def compute_targets(
         n_rows = len(rows[group[0]].ids) - shortcut
         # the template tokens most requests of the group start with, for every chunk of it (shortcut 1)
         templates = _template_tokens([rows[i] for i in group], n_rows) if _shares_templates(layout) else [[]] * n_rows
-        memory = None if chunk_tokens else _chunk_memory(model, layout, hparams, shared=any(templates))
-        if memory is None:
-            batches = length_batches([padded[i] for i in group], chunk_tokens or 4096)
-        else:  # cached prefix tokens per request: its rows' widest part after the shared template
-            prefix = [n_rows * _cached_prefix(rows[i], n_rows, templates) for i in group]
-            batches = _memory_batches([padded[i] for i in group], prefix, *memory)
-        chunks += [[group[j] for j in batch] for batch in batches]
-        shared += [templates] * len(batches)
-    log.info("z: %d requests in %d chunks of up to %s (%s), %s layout, templates' keys and values %s", len(rows), len(chunks),
-             f"{memory[0] / 2**30:.1f} GiB" if memory else f"{chunk_tokens or 4096} padded suffix tokens",
-             "asked" if chunk_tokens else "the default", getattr(layout, "family", "?"),
-             "shared" if any(map(any, shared)) else "per row")
-
-    z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
-    bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
-    for chunk, templates in zip(chunks, shared):
-        z[chunk], steps = _optimise_chunk(model, layout, tok, [rows[i] for i in chunk], templates, hparams, bar, cuda_graphs)
-        if steps_out is not None:
-            steps_out[chunk] = steps.cpu()
+        shares |= any(templates)
+        if planner is None:
+            for batch in length_batches([padded[i] for i in group], chunk_tokens or 4096):
+                run([group[j] for j in batch], templates)
+            continue
+        # cached prefix tokens per request: its rows' widest part after the shared template
+        prefix = {i: n_rows * _cached_prefix(rows[i], n_rows, templates) for i in group}
+        todo = sorted(group, key=lambda i: padded[i], reverse=True)  # longest suffixes first
+        while todo:
+            take, estimate = planner.next_chunk([padded[i] for i in todo], [prefix[i] for i in todo], shared=any(templates))
+            chunk = todo[:take]
+            planner.measure(lambda: run(chunk, templates), estimate)
+            todo = todo[take:]
     bar.close()
+    log.info("z: %d requests in %d chunks (%s), %s layout, templates' keys and values %s", len(rows), n_chunks,
+             planner.describe() if planner else f"{chunk_tokens or 4096} padded suffix tokens", getattr(layout, "family", "?"),
+             "shared" if shares else "per row")
     if not torch.isfinite(z).all():
         raise TargetError("a target vector z is NaN or inf")
     return z
 
 
-# bytes of z's chunk memory at most, the cached prefix counted. The cap was 8 GiB of suffix
-# activations alone, with a per-row prefix cache about as large again beside it (benchmarks/NOTES.md,
-# session 3); the shared-template cache is about a quarter of that, so 14 GiB: larger chunks
-# (about 3,300 GPT-J tokens by this estimate) within the old peak.
-Z_MEMORY_CAP = 14 * 2**30
+# bytes of a z chunk at most by default (the cached prefix counted; 30% of the free memory if
+# less): on an H200, GPT-J's 10,000 edits then peak at the weights + about this much
+Z_MEMORY_CAP = 20 * 2**30
+CAP_MARGIN = 2**30  # bytes left free under a memory cap for the allocator's rounding and small tensors
 
 
 def _shares_templates(layout) -> bool:
@@ -223,18 +231,72 @@ def _shares_templates(layout) -> bool:
     return getattr(layout, "shared_prefix", False) and hasattr(layout, "shared_suffix_runner")
 
 
-def _chunk_memory(model, layout, hparams: MEMITHyperParams, shared: bool) -> tuple[float, float, float] | None:
-    """(budget, bytes per padded suffix token, bytes per padded cached prefix token) of a z chunk
-    on the GPU, None elsewhere. Per suffix token: the activations kept for the backward pass of
-    blocks L+1..v_loss_layer (about 10 d + 3 d_ff elements per block: measured 3.1 MiB per token
-    for GPT-J in bf16 on an H200, where the formula gives 3.5) and the target logits. Per prefix
+class ChunkPlanner:
+    """Sizes z chunks on a GPU by memory: a budget in bytes, an estimate of a chunk's bytes from
+    its padded suffix tokens and cached prefix tokens (`_bytes_per_token`), and the estimate's error
+    measured on every chunk run: the allocator's peak over the chunk against the estimate, whose
+    largest ratio so far scales the next chunks' estimates (the formula is a model; the
+    measurement makes the chunks fill the budget on any model and GPU without exceeding it)."""
+
+    def __init__(self, budget: float, per_suffix: float, per_prefix: dict[bool, float]):
+        self.budget, self.per_suffix, self.per_prefix = budget, per_suffix, per_prefix
+        self.scale: float | None = None  # measured bytes / estimated bytes, the largest seen
+        self.peak = 0
+
+    @classmethod
+    def for_model(cls, model, layout, hparams: MEMITHyperParams, memory_cap: float | None) -> "ChunkPlanner | None":
+        """None off the GPU. The budget: 30% of the free memory and Z_MEMORY_CAP at most; under a
+        memory cap, also the cap less what is allocated now and CAP_MARGIN."""
+        device = model_device(model)
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(0.3 * free, Z_MEMORY_CAP)
+        if memory_cap is not None:
+            room = memory_cap - torch.cuda.memory_allocated(device) - CAP_MARGIN
+            if room <= 0:
+                raise ConfigError(f"memory cap {memory_cap / 2**30:.1f} GiB: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
+                                  "are allocated before z (model, statistics) and nothing is left for it")
+            budget = min(budget, room)
+        per_suffix, per_prefix = _bytes_per_token(model, layout, hparams)
+        return cls(budget, per_suffix, per_prefix)
+
+    def next_chunk(self, suffix: list[int], prefix: list[int], shared: bool) -> tuple[int, float]:
+        """(n, estimated bytes): the first n requests (longest suffix first) whose padded suffix
+        and padded prefix fit the budget; one at least."""
+        scale = self.scale or 1.0
+        per_prefix = self.per_prefix[shared]
+        n, widest, estimate = 0, 0, 0.0
+        for s, p in zip(suffix, prefix):
+            w = max(widest, p)
+            bytes_ = (n + 1) * (suffix[0] * self.per_suffix + w * per_prefix)
+            if n and bytes_ * scale > self.budget:
+                break
+            n, widest, estimate = n + 1, w, bytes_
+        return n, estimate
+
+    def measure(self, run, estimate: float) -> None:
+        """run() one chunk and fold its measured peak (above the memory allocated before) into scale."""
+        from .profiling import restart_peak
+
+        before = restart_peak()
+        run()
+        used = torch.cuda.max_memory_allocated() - before
+        self.peak = max(self.peak, used)
+        self.scale = max(self.scale or 0.0, used / estimate)
+
+    def describe(self) -> str:
+        scale = f"measured/estimated {self.scale:.2f}" if self.scale else "no chunk measured"
+        return f"budget {self.budget / 2**30:.1f} GiB, peak {self.peak / 2**30:.1f} GiB, {scale}"
+
+
+def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, dict[bool, float]]:
+    """(bytes per padded suffix token, {shared: bytes per padded cached prefix token}) of a z
+    chunk, estimated. Per suffix token: the activations kept for the backward pass of blocks
+    L+1..v_loss_layer (about 10 d + 3 d_ff elements per block) and the target logits. Per prefix
     token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
-    for the shared-template runner (shared: it drops blocks 0..L as it goes), 0..v_loss_layer for
-    the per-row cache (held while it is built), every block for the generic layout.
-    The budget is 30% of the free memory and Z_MEMORY_CAP at most."""
-    device = model_device(model)
-    if device.type != "cuda":
-        return None
+    for the shared-template runner (it drops blocks 0..L as it goes), 0..v_loss_layer for the
+    per-row cache (held while it is built), every block for the generic layout."""
     config = model.config
     d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
@@ -243,43 +305,23 @@ def _chunk_memory(model, layout, hparams: MEMITHyperParams, shared: bool) -> tup
     per_suffix = max(stop - L, 1) * (10 * d + 3 * d_ff) * elem + 8 * config.vocab_size
     kv_width = getattr(layout, "n_kv_heads", None) and layout.n_kv_heads * layout.head_dim
     if kv_width:
-        cached = stop - L if shared else stop + 1
+        cached = {True: stop - L, False: stop + 1}
     else:
         heads = getattr(config, "num_attention_heads", None) or config.n_head
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
-        cached = getattr(config, "num_hidden_layers", None) or config.n_layer
-    per_prefix = cached * kv_width * (max(elem, 4) + elem)
-    free, _ = torch.cuda.mem_get_info(device)
-    return min(0.3 * free, Z_MEMORY_CAP), per_suffix, per_prefix
-
-
-def _memory_batches(suffix: list[int], prefix: list[int], budget: float, per_suffix: float, per_prefix: float) -> list[list[int]]:
-    """Indices grouped by suffix tokens longest first, each group's padded suffix (rows x widest
-    suffix) and padded prefix (rows x widest prefix) within `budget` bytes (one request at least).
-    suffix, prefix: per request, its rows times its widest suffix / cached prefix."""
-    order = sorted(range(len(suffix)), key=lambda i: suffix[i], reverse=True)
-    batches: list[list[int]] = []
-    widest = 0
-    for i in order:
-        if batches:
-            n = len(batches[-1]) + 1
-            if n * (suffix[batches[-1][0]] * per_suffix + max(widest, prefix[i]) * per_prefix) <= budget:
-                batches[-1].append(i)
-                widest = max(widest, prefix[i])
-                continue
-        batches.append([i])
-        widest = prefix[i]
-    return batches
+        n = getattr(config, "num_hidden_layers", None) or config.n_layer
+        cached = {True: n, False: n}
+    return per_suffix, {k: v * kv_width * (max(elem, 4) + elem) for k, v in cached.items()}
 
 
 def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:
     """The padded suffix tokens of a default GPU chunk whose rows cache `prefix_per_suffix` prefix
-    tokens per suffix token (for benchmarks; compute_targets chunks by `_memory_batches`)."""
-    memory = _chunk_memory(model, layout, hparams, _shares_templates(layout))
-    if memory is None:
+    tokens per suffix token, by the unmeasured estimate (for benchmarks; compute_targets plans
+    chunks with `ChunkPlanner`)."""
+    planner = ChunkPlanner.for_model(model, layout, hparams, None)
+    if planner is None:
         return 4096
-    budget, per_suffix, per_prefix = memory
-    return int(budget / (per_suffix + prefix_per_suffix * per_prefix))
+    return int(planner.budget / (planner.per_suffix + prefix_per_suffix * planner.per_prefix[_shares_templates(layout)]))
 
 
 def _optimise_chunk(model, layout, tok, rows: list[RequestRows], templates: list[list[int]], hp: MEMITHyperParams, bar, cuda_graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,12 +56,14 @@ def apply_update(
     *,
     solve_method: str = "auto",
     batch_tokens: int = 8192,
+    offload: bool = False,
     progress: bool = True,
     timer=NO_TIMER,
     layer_solve: Callable[[RewriteWeight, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Edit the critical layers in place; returns {parameter name: delta (d_model, d_ff) float64}.
+) -> None:
+    """Edit the critical layers in place (each delta is freed once written).
     requests: encoded with `tokens.encode_requests`; layout: the model's `memit_fast.layouts` layout.
+    offload: the key pass keeps its hidden states on the CPU between layers (a memory cap).
     layer_solve(weight, keys (n, d_ff), residual (n, d_model)) -> delta (d_model, d_ff): another
     per-layer solve in place of MEMIT's `layer_delta` (the projected solve of
     memit_fast.sequential); `covs` is then not read.
@@ -71,8 +73,7 @@ def apply_update(
     W_out's device (a model split over GPUs: that layer's GPU)."""
     mine, parts = distributed.my_share([sum(len(row) for row in key_rows([r])) for r in requests])
     local = [requests[i] for i in mine]
-    reader = KeyReader(model, layout, tok, key_rows(local), len(local), hparams.layers[-1], templates, batch_tokens=batch_tokens) if local else None
-    deltas = {}
+    reader = KeyReader(model, layout, tok, key_rows(local), len(local), hparams.layers[-1], templates, batch_tokens=batch_tokens, offload=offload) if local else None
     for i, w in enumerate(tqdm(weights, desc="layer updates", disable=not progress)):
         with timer("keys and values"):
             keys, cur = distributed.agreed(f"the keys of layer {w.layer}", _read, reader, w, model)
@@ -87,9 +88,8 @@ def apply_update(
             delta = distributed.on_owner(f"the solve of layer {w.layer}", i, solve, (w.d_model, w.d_ff), torch.float64, dev)
         with timer("weight update"), distributed.device_guard(dev):
             distributed.agreed(f"the weight update of layer {w.layer}", write_layer, w, delta)
-        deltas[w.name] = delta
+        del keys, cur, residual, delta
     distributed.check_same("the edited weights", [w.param for w in weights])
-    return deltas
 
 
 def _read(reader: KeyReader | None, w: RewriteWeight, model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ def test_defaults_come_from_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "name, value",
-    [("MEMIT_FAST_Z_CHUNK_TOKENS", "many"), ("MEMIT_FAST_Z_CHUNK_TOKENS", "0"), ("MEMIT_FAST_POTRF_BLOCK", "-1"), ("MEMIT_FAST_NATIVE", "yes")],
+    [("MEMIT_FAST_Z_CHUNK_TOKENS", "many"), ("MEMIT_FAST_Z_CHUNK_TOKENS", "0"), ("MEMIT_FAST_POTRF_BLOCK", "-1"), ("MEMIT_FAST_NATIVE", "yes"),
+     ("MEMIT_FAST_MEMORY_CAP_GIB", "lots"), ("MEMIT_FAST_MEMORY_CAP_GIB", "0"), ("MEMIT_FAST_MEMORY_CAP_GIB", "nan")],
 )
 def test_a_bad_environment_value_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -51,6 +52,9 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch, name, value):
         ({"chunk_tokens": 0}, "chunk_tokens must be a positive integer"),
         ({"keys_batch_tokens": 1.5}, "keys_batch_tokens must be a positive integer"),
         ({"seed": "0"}, "seed must be an integer"),
+        ({"memory_cap_gib": -4}, "memory_cap_gib must be a positive number"),
+        ({"memory_cap_gib": float("nan")}, "memory_cap_gib must be a positive number"),
+        ({"memory_cap_gib": True}, "memory_cap_gib must be a positive number"),
         ({"chunk_size": 10}, r"unknown setting\(s\) \['chunk_size'\]"),
     ],
 )
@@ -167,3 +171,17 @@ def test_version_module_and_no_import_cycle():
     assert "noqa: E402" not in (ROOT / "memit_fast" / "__init__.py").read_text()
     assert "from . import __version__" not in (ROOT / "memit_fast" / "stats.py").read_text()
     assert config.EditConfig is memit_fast.EditConfig
+
+
+def test_a_memory_cap_on_the_cpu_says_it_changes_nothing(caplog):
+    """The cap is about GPU memory: on the CPU the edit is the same and a warning says so."""
+    m = tiny.model("gpt2")
+    hp = tiny.hparams(m, v_num_grad_steps=2)
+    kw = dict(stats=tiny.stats(m, hp), context_templates=tiny.TEMPLATES, progress=False)
+    _, orig = memit_fast.apply(m, tiny.tokenizer(), tiny.REQUESTS[:1], hp, **kw)
+    plain = {n: p.clone() for n, p in m.named_parameters() if n in orig}
+    memit_fast.restore(m, orig)
+    with caplog.at_level("WARNING", logger="memit_fast.api"):
+        memit_fast.apply(m, tiny.tokenizer(), tiny.REQUESTS[:1], hp, memory_cap_gib=4, **kw)
+    assert "changes nothing" in caplog.text
+    assert all(torch.equal(p, plain[n]) for n, p in m.named_parameters() if n in orig)

@@ -214,15 +214,49 @@ def test_rows_without_their_template_fall_back_per_row(monkeypatch):
     monkeypatch.setattr(type(layout), "shared_prefix", False)
     alone = torch.cat([alone[:1], _compute_targets(m, tok, changed[1:], hp, progress=False, layout=layout)])
     assert _rel(z, alone) < 1e-9
-def test_memory_batches_count_the_cached_prefix():
+def _plan(planner, suffix, prefix, shared=False):
+    """Chunks (index lists) that planner.next_chunk makes of requests sorted longest suffix first."""
+    todo, out = list(range(len(suffix))), []
+    while todo:
+        n, _ = planner.next_chunk([suffix[i] for i in todo], [prefix[i] for i in todo], shared)
+        out.append(todo[:n])
+        todo = todo[n:]
+    return out
+
+
+def test_chunk_planner_counts_the_cached_prefix():
     """GPU chunking: a chunk's padded suffix (rows x widest suffix) and padded prefix (rows x
     widest cached prefix) bytes stay within the budget; one request at least per chunk."""
     suffix, prefix = [30, 20, 20, 10, 10], [5, 40, 5, 5, 5]
     # suffix only: 2 x 30 = 60 <= 60, then 20 x 3 = 60
-    assert targets._memory_batches(suffix, prefix, 60, 1.0, 0.0) == [[0, 1], [2, 3, 4]]
-    # the prefix counted: {0, 1} would be 2 x (30 + 40) = 140 > 100; {1, 2, 3} 3 x (20 + 40) = 180 > 130
-    assert targets._memory_batches(suffix, prefix, 130, 1.0, 1.0) == [[0], [1, 2], [3, 4]]
-    assert targets._memory_batches(suffix, prefix, 1, 1.0, 1.0) == [[0], [1], [2], [3], [4]]
+    assert _plan(targets.ChunkPlanner(60, 1.0, {False: 0.0}), suffix, prefix) == [[0, 1], [2, 3, 4]]
+    # the prefix counted: {0, 1} would be 2 x (30 + 40) = 140 > 130; {1, 2, 3} 3 x (20 + 40) = 180 > 130
+    assert _plan(targets.ChunkPlanner(130, 1.0, {False: 1.0}), suffix, prefix) == [[0], [1, 2], [3, 4]]
+    assert _plan(targets.ChunkPlanner(1, 1.0, {False: 1.0}), suffix, prefix) == [[0], [1], [2], [3], [4]]
+    # the shared-template cache has its own bytes per prefix token
+    assert _plan(targets.ChunkPlanner(130, 1.0, {False: 1.0, True: 0.0}), suffix, prefix, shared=True) == [[0, 1, 2, 3], [4]]
+
+
+def test_chunk_planner_scales_by_the_measured_peak(monkeypatch):
+    """The largest measured/estimated ratio so far scales the next estimates: a chunk that used
+    half its estimate lets the next chunks be about twice as large; one over it shrinks them."""
+    from memit_fast import profiling
+
+    planner = targets.ChunkPlanner(100, 1.0, {False: 0.0})
+    used = {}
+    monkeypatch.setattr(profiling, "restart_peak", lambda: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1000 + used["bytes"])
+    suffix = [10] * 40
+    n, estimate = planner.next_chunk(suffix, [0] * 40, False)
+    assert (n, estimate) == (10, 100)
+    used["bytes"] = 50
+    planner.measure(lambda: None, estimate)
+    assert planner.scale == 0.5 and planner.next_chunk(suffix, [0] * 40, False)[0] == 20
+    used["bytes"] = 400  # a chunk of estimate 200 used 400: scale 2, never back down
+    planner.measure(lambda: None, 200)
+    assert planner.scale == 2.0 and planner.next_chunk(suffix, [0] * 40, False)[0] == 5
+    planner.measure(lambda: None, 400)
+    assert planner.scale == 2.0 and planner.peak == 400
 
 
 def test_default_gpu_chunking_counts_the_prefix(monkeypatch):
@@ -234,10 +268,12 @@ def test_default_gpu_chunking_counts_the_prefix(monkeypatch):
     seen = []
     optimise = targets._optimise_chunk
     monkeypatch.setattr(targets, "_optimise_chunk", lambda m, l, t, rows, *a: seen.append(len(rows)) or optimise(m, l, t, rows, *a))
+    monkeypatch.setattr(targets.ChunkPlanner, "measure", lambda self, run, estimate: run())
     z = {}
     for per_prefix in (0.0, 10.0):
         seen.clear()
-        monkeypatch.setattr(targets, "_chunk_memory", lambda *a, per_prefix=per_prefix, **k: (300.0, 1.0, per_prefix))
+        planner = targets.ChunkPlanner(300.0, 1.0, {False: per_prefix, True: per_prefix})
+        monkeypatch.setattr(targets.ChunkPlanner, "for_model", classmethod(lambda cls, *a, planner=planner: planner))
         z[per_prefix] = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False)
         counts = list(seen)
         if per_prefix == 0:
