@@ -12,7 +12,8 @@ original weights W0 of the edited layers (on the CPU). Every write of a delta, w
 when replaying, is the same product and the same `write_layer`, so undo (W0 and the remaining
 batches replayed) and load (the same replay from the unedited model) give the weights bit for
 bit on the device that made them. AlphaEdit's accumulated keys K_p K_p^T are sums over the
-batches in order, rebuilt the same way.
+batches in order, rebuilt the same way. The history is kept on the CPU and read only by undo,
+save and load: the work of a batch does not depend on the batches before it.
 """
 
 from __future__ import annotations
@@ -131,12 +132,13 @@ class Editor:
                     solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, progress=cfg.progress, timer=timer,
                     layer_solve=lambda w, keys, resid: self._solve(w, keys, resid, batch),
                 )  # fmt: skip
+                keys = batch.keys  # on the device, for the accumulators
                 batch.deltas = {name: tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in d) for name, d in batch.deltas.items()}
-                batch.keys = {layer: k.cpu() for layer, k in batch.keys.items()}
+                batch.keys = {layer: k.cpu() for layer, k in keys.items()}
             except BaseException:
                 restore(model, backup)
                 raise
-        for layer, k in batch.keys.items():
+        for layer, k in keys.items():
             self._accs[layer].add(k)
         if model_device(model).type == "cuda":
             torch.cuda.synchronize(model_device(model))
