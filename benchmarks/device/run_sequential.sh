@@ -109,7 +109,7 @@ if [[ -f ${results[0]} ]]; then
 fi
 {
   echo "== sequential eval, both methods (final tables)"
-  [[ -f $D/report.md ]] && grep -E "^## |INTERRUPTED" "$D/report.md" && sed -n '/After the last batch/,/^### /p' "$D/report.md" | grep -v "^### " | head -50
+  [[ -f $D/report.md ]] && awk '/^## |INTERRUPTED/ {print; next} /^After the last batch/ {p = 1} /^### / {p = 0} p' "$D/report.md"
   echo "== edit seconds per batch"
   for f in "${results[@]}"; do
     [[ -f $f ]] && "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); [print(r["kind"], m, " ".join(f"{s:.2f}" for s in v["edit_s"])) for m, v in r["methods"].items()]' "$f"
