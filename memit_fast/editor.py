@@ -12,7 +12,8 @@ original weights W0 of the edited layers (on the CPU). Every write of a delta, w
 when replaying, is the same product and the same `write_layer`, so undo (W0 and the remaining
 batches replayed) and load (the same replay from the unedited model) give the weights bit for
 bit on the device that made them. AlphaEdit's accumulated keys K_p K_p^T are sums over the
-batches in order, rebuilt the same way.
+batches in order, rebuilt the same way. The history is kept on the CPU and read only by undo,
+save and load: the work of a batch does not depend on the batches before it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 SESSION_FILE = "session.json"
 SESSION_FORMAT = "memit_fast-session"
 SESSION_VERSION = 1
+KEY_STATS_FILE = "key_stats.safetensors"
 
 
 class ReplayWarning(UserWarning):
@@ -127,12 +132,13 @@ class Editor:
                     solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, progress=cfg.progress, timer=timer,
                     layer_solve=lambda w, keys, resid: self._solve(w, keys, resid, batch),
                 )  # fmt: skip
+                keys = batch.keys  # on the device, for the accumulators
                 batch.deltas = {name: tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in d) for name, d in batch.deltas.items()}
-                batch.keys = {layer: k.cpu() for layer, k in batch.keys.items()}
+                batch.keys = {layer: k.cpu() for layer, k in keys.items()}
             except BaseException:
                 restore(model, backup)
                 raise
-        for layer, k in batch.keys.items():
+        for layer, k in keys.items():
             self._accs[layer].add(k)
         if model_device(model).type == "cuda":
             torch.cuda.synchronize(model_device(model))
@@ -217,43 +223,57 @@ class Editor:
         batch_NNNN.safetensors per batch ("<param>.R" (d_model, n) and "<param>.A" (d_ff, n) float64,
         or "<param>.delta"; AlphaEdit's "keys.<layer>" (n, d_ff)) and, for AlphaEdit,
         key_stats.safetensors: the accumulated K_p K_p^T ("<layer>.kk", (d_ff, d_ff)) and its projection
-        ("<layer>.proj", (r, r)), float64."""
+        ("<layer>.proj", (r, r)), float64.
+
+        Atomic: the files are written into a temporary folder beside `directory`, which then takes
+        its place; on any error `directory` is left as it was. An existing `directory` is replaced
+        when it is empty or holds only session files (ArtifactError otherwise, before any write)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        batches = []
-        for i, b in enumerate(self.history, 1):
-            tensors = {}
-            for name, d in b.deltas.items():
-                if d[0] == "factors":
-                    tensors[f"{name}.R"], tensors[f"{name}.A"] = d[1], d[2]
-                else:
-                    tensors[f"{name}.delta"] = d[1]
-            tensors |= {f"keys.{layer}": k for layer, k in b.keys.items()}
-            fname = f"batch_{i:04d}.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / fname))
-            batches.append({"file": fname, "sha256": file_sha256(directory / fname), "requests": b.requests, "seconds": b.seconds,
-                            "forms": {name: d[0] for name, d in b.deltas.items()}})
-        if self._accs is not None:
-            save_file({f"{layer}.{part}": getattr(acc, part).cpu().contiguous() for layer, acc in self._accs.items() for part in ("kk", "proj")},
-                      str(directory / "key_stats.safetensors"))
-        meta = {
-            "format": SESSION_FORMAT,
-            "version": SESSION_VERSION,
-            "method": self.method,
-            "nullspace_threshold": self.nullspace_threshold,
-            "l2": self.l2,
-            "solve_method": self.cfg.solve_method,
-            "hparams": self.hparams.to_dict(),
-            "templates": self.templates,
-            "base_fingerprint": model_fingerprint(self.model, self.hparams),
-            "base_weights_sha256": {name: _tensor_sha256(t) for name, t in self.base.items()},
-            "weights_sha256": {w.name: _tensor_sha256(w.param) for w in self.weights},
-            "key_stats": "key_stats.safetensors" if self._accs is not None else None,
-            "batches": batches,
-        }
-        (directory / SESSION_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if directory.exists():
+            foreign = [p.name for p in directory.iterdir() if not _is_session_file(p.name)] if directory.is_dir() else [directory.name]
+            if foreign:
+                raise ArtifactError(f"save: {directory} exists and holds files that are not an editing session's ({foreign[0]}); not replaced")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        try:
+            batches = []
+            for i, b in enumerate(self.history, 1):
+                tensors = {}
+                for name, d in b.deltas.items():
+                    if d[0] == "factors":
+                        tensors[f"{name}.R"], tensors[f"{name}.A"] = d[1], d[2]
+                    else:
+                        tensors[f"{name}.delta"] = d[1]
+                tensors |= {f"keys.{layer}": k for layer, k in b.keys.items()}
+                fname = f"batch_{i:04d}.safetensors"
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
+                batches.append({"file": fname, "sha256": file_sha256(tmp / fname), "requests": b.requests, "seconds": b.seconds,
+                                "forms": {name: d[0] for name, d in b.deltas.items()}})
+            if self._accs is not None:
+                save_file({f"{layer}.{part}": getattr(acc, part).cpu().contiguous() for layer, acc in self._accs.items() for part in ("kk", "proj")},
+                          str(tmp / KEY_STATS_FILE))
+            meta = {
+                "format": SESSION_FORMAT,
+                "version": SESSION_VERSION,
+                "method": self.method,
+                "nullspace_threshold": self.nullspace_threshold,
+                "l2": self.l2,
+                "solve_method": self.cfg.solve_method,
+                "hparams": self.hparams.to_dict(),
+                "templates": self.templates,
+                "base_fingerprint": model_fingerprint(self.model, self.hparams),
+                "base_weights_sha256": {name: _tensor_sha256(t) for name, t in self.base.items()},
+                "weights_sha256": {w.name: _tensor_sha256(w.param) for w in self.weights},
+                "key_stats": KEY_STATS_FILE if self._accs is not None else None,
+                "batches": batches,
+            }
+            (tmp / SESSION_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            _replace_dir(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
         return directory
 
     @classmethod
@@ -306,6 +326,27 @@ class Editor:
         if now != meta["weights_sha256"]:
             warnings.warn("the replayed weights differ in rounding from the saved session's (replayed on another device or BLAS)", ReplayWarning, stacklevel=2)
         return ed
+
+
+def _is_session_file(name: str) -> bool:
+    return name in (SESSION_FILE, KEY_STATS_FILE) or (name.startswith("batch_") and name.endswith(".safetensors"))
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Put the folder `new` at `directory` (same parent): one rename when there is none; else the
+    old one is renamed aside first and removed after (a crash in between leaves it beside, whole)."""
+    if not directory.exists():
+        os.rename(new, directory)
+        return
+    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+    os.rename(directory, old / "session")
+    try:
+        os.rename(new, directory)
+    except BaseException:
+        os.rename(old / "session", directory)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old)
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:

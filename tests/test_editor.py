@@ -167,3 +167,63 @@ def test_failure_midway_leaves_weights(monkeypatch):
     with pytest.raises(memit_fast.SolveError, match="boom"):
         ed.edit(BATCH_2)
     assert _equal(_weights(m, hp), w1) and len(ed.history) == 1 and torch.equal(ed._accs[hp.layers[0]].kk, kk)
+
+
+def _tree(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save replaces a saved session whole or not at all; no temporary folder is left behind."""
+    import safetensors.torch
+
+    m, hp, stats = _setup()
+    ed = _editor(m, hp, stats, "alphaedit")
+    ed.edit(tiny.REQUESTS)
+    ed.edit(BATCH_2)
+    ed.save(tmp_path / "s")
+    two = _tree(tmp_path / "s")
+    ed.undo()
+    calls = []
+    real = safetensors.torch.save_file
+
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        ed.save(tmp_path / "s")  # batch_0001 written, key_stats fails
+    assert _tree(tmp_path / "s") == two and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "s"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    ed.save(tmp_path / "s")  # one batch now: batch_0002 is gone with the old session
+    assert sorted(_tree(tmp_path / "s")) == ["batch_0001.safetensors", "key_stats.safetensors", "session.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "s"]
+    ed2 = memit_fast.Editor.load(tiny.model("llama"), tiny.tokenizer(), tmp_path / "s", stats=stats, progress=False)
+    assert ed2.n_edits == len(tiny.REQUESTS) and _equal(_weights(ed2.model, hp), _weights(m, hp))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not an editing session"):
+        ed.save(tmp_path / "other")
+    assert _tree(tmp_path / "other") == {"notes.txt": b"mine"}
+
+
+def test_batch_work_does_not_depend_on_history(monkeypatch):
+    """edit() never replays the earlier batches, and the state it keeps (AlphaEdit's basis and
+    accumulators) keeps its shapes and device whatever the number of batches before."""
+    import memit_fast.editor as editor_module
+
+    monkeypatch.setattr(editor_module.Editor, "_replay", lambda self: pytest.fail("edit replayed the history"))
+    m, hp, stats = _setup()
+    ed = _editor(m, hp, stats, "alphaedit")
+
+    def state():
+        return {(layer, part): (getattr(acc, part).shape, getattr(acc, part).device) for layer, acc in ed._accs.items() for part in ("basis", "kk", "proj")}
+
+    ed.edit(tiny.REQUESTS)
+    first = state()
+    for batch in (BATCH_2, BATCH_3, BATCH_2):
+        ed.edit(batch)
+        assert state() == first

@@ -132,6 +132,9 @@ def test_merge_results_joins_methods_of_the_same_records():
     joined = merge_results([result("memit"), result("alphaedit"), result("memit", ids=(3, 4))])
     assert [sorted(r["methods"]) for r in joined] == [["alphaedit", "memit"], ["memit"]]
     assert joined[0]["timing_s"] == {"eval_before": 1.0, "memit_total": 2.0, "alphaedit_total": 2.0}
+    assert "interrupted" not in joined[0]
+    cut = result("alphaedit") | {"interrupted": "alphaedit: interrupted after 1 of 2 batches"}
+    assert merge_results([result("memit"), cut])[0]["interrupted"] == cut["interrupted"]
 
 
 def test_sequential_eval_interrupted_keeps_the_batches_done(tmp_path, monkeypatch):

@@ -197,6 +197,8 @@ def merge_results(results: Sequence[dict]) -> list[dict]:
         if key in out:
             out[key]["methods"] = out[key]["methods"] | r["methods"]
             out[key]["timing_s"] = out[key]["timing_s"] | {k: v for k, v in r["timing_s"].items() if k != "eval_before"}
+            if "interrupted" in r:
+                out[key]["interrupted"] = "; ".join(filter(None, (out[key].get("interrupted"), r["interrupted"])))
         else:
             out[key] = dict(r, methods=dict(r["methods"]), timing_s=dict(r["timing_s"]))
     return list(out.values())
