@@ -126,11 +126,12 @@ class Editor:
             batch = Batch([{"prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target}} for r in reqs], {})
             try:
                 with timer("z"):
-                    z = compute_targets(model, self.tok, encoded, hp, chunk_tokens=cfg.chunk_tokens, progress=cfg.progress, layout=self.layout)
+                    cap = None if cfg.memory_cap_gib is None else cfg.memory_cap_gib * 2**30
+                    z = compute_targets(model, self.tok, encoded, hp, chunk_tokens=cfg.chunk_tokens, memory_cap=cap, progress=cfg.progress, layout=self.layout)
                 apply_update(
                     model, self.tok, encoded, hp, z, self.templates, self._covs or {}, self.weights, self.layout,
-                    solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, progress=cfg.progress, timer=timer,
-                    layer_solve=lambda w, keys, resid: self._solve(w, keys, resid, batch),
+                    solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, offload=cap is not None, progress=cfg.progress,
+                    timer=timer, layer_solve=lambda w, keys, resid: self._solve(w, keys, resid, batch),
                 )  # fmt: skip
                 keys = batch.keys  # on the device, for the accumulators
                 batch.deltas = {name: tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in d) for name, d in batch.deltas.items()}

@@ -17,13 +17,14 @@ import torch
 _earlier_peak = 0
 
 
-def restart_peak() -> int:
-    """Reset the CUDA allocator's high-water mark (a region measuring its own peak, e.g. one z
-    chunk) without losing it for the enclosing PhaseTimer phase; returns memory_allocated()."""
+def restart_peak(device=None) -> int:
+    """Reset the CUDA allocator's high-water mark of `device` (default: the current one) for a
+    region measuring its own peak (one z chunk), without losing it for the enclosing PhaseTimer
+    phase; returns memory_allocated(device)."""
     global _earlier_peak
     _earlier_peak = max(_earlier_peak, torch.cuda.max_memory_allocated())
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 class PhaseTimer:

@@ -238,8 +238,9 @@ class ChunkPlanner:
     largest ratio so far scales the next chunks' estimates (the formula is a model; the
     measurement makes the chunks fill the budget on any model and GPU without exceeding it)."""
 
-    def __init__(self, budget: float, per_suffix: float, per_prefix: dict[bool, float]):
+    def __init__(self, budget: float, per_suffix: float, per_prefix: dict[bool, float], devices=(None,)):
         self.budget, self.per_suffix, self.per_prefix = budget, per_suffix, per_prefix
+        self.devices = devices  # the model's GPUs (a model split over several: the most used one counts)
         self.scale: float | None = None  # measured bytes / estimated bytes, the largest seen
         self.peak = 0
 
@@ -259,7 +260,8 @@ class ChunkPlanner:
                                   "are allocated before z (model, statistics) and nothing is left for it")
             budget = min(budget, room)
         per_suffix, per_prefix = _bytes_per_token(model, layout, hparams)
-        return cls(budget, per_suffix, per_prefix)
+        devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str) or [device]
+        return cls(budget, per_suffix, per_prefix, devices)
 
     def next_chunk(self, suffix: list[int], prefix: list[int], shared: bool) -> tuple[int, float]:
         """(n, estimated bytes): the first n requests (longest suffix first) whose padded suffix
@@ -279,9 +281,9 @@ class ChunkPlanner:
         """run() one chunk and fold its measured peak (above the memory allocated before) into scale."""
         from .profiling import restart_peak
 
-        before = restart_peak()
+        before = [restart_peak(d) for d in self.devices]
         run()
-        used = torch.cuda.max_memory_allocated() - before
+        used = max(torch.cuda.max_memory_allocated(d) - b for d, b in zip(self.devices, before))
         self.peak = max(self.peak, used)
         self.scale = max(self.scale or 0.0, used / estimate)
 

@@ -244,7 +244,7 @@ def test_chunk_planner_scales_by_the_measured_peak(monkeypatch):
 
     planner = targets.ChunkPlanner(100, 1.0, {False: 0.0})
     used = {}
-    monkeypatch.setattr(profiling, "restart_peak", lambda: 1000)
+    monkeypatch.setattr(profiling, "restart_peak", lambda device=None: 1000)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1000 + used["bytes"])
     suffix = [10] * 40
     n, estimate = planner.next_chunk(suffix, [0] * 40, False)
