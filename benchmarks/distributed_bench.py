@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -287,6 +286,7 @@ def _dp_table(recs: list[dict]) -> list[dict]:
 
 def _split_table(recs: list[dict]) -> None:
     """Print the split-model runs: time, edits or tokens, time per edit, peak memory per GPU."""
+    shown = set()
     print(f"\n{'split run':36s} {'GPUs':>4s} {'seconds':>8s} {'edits':>6s} {'s/edit':>7s} {'tokens':>9s} {'peak GiB per GPU':>16s}  phases (s)")
     for r in recs:
         p = r.get("params", {})
@@ -298,7 +298,8 @@ def _split_table(recs: list[dict]) -> None:
         if r.get("extrapolated"):
             text = f"EXTRAPOLATED from {p.get('from_edits')} edits, not measured"
         print(f"{r['name'][:36]:36s} {p.get('gpus', 1):4d} {r['value']:8.1f} {r.get('n_edits') or '':>6} {per_edit:>7s} {tokens:>9} {peaks:>16s}  {text}")
-        if "blocks_per_gpu" in p and not r.get("extrapolated"):
+        if "blocks_per_gpu" in p and r.get("model") not in shown:
+            shown.add(r.get("model"))
             print(f"{'':36s} blocks per GPU {p['blocks_per_gpu']}, edited layers {p.get('layers')} on {sorted(set(p.get('layer_devices', {}).values()))}, "
                   f"weights GiB per GPU {p.get('weights_gib_per_gpu')}, built in {p.get('build_s')} s")
 

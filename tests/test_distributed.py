@@ -351,6 +351,23 @@ def test_a_model_split_over_two_gpus_edits_as_on_one(arch, split):
         assert (d_split[name].to(d.device) - d).norm() / d.norm() < 1e-8, name
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_build_on_devices_over_two_gpus(arch):
+    """The benchmark models' build over cuda:0 and cuda:1: every parameter on its mapped GPU, none
+    on the CPU or the meta device, and the model runs."""
+    synthetic = _load_benchmark_module("synthetic")
+    config = tiny.model(arch).config
+    hp = tiny.hparams(tiny.model(arch))
+    device_map = _alternating_map(tiny.model(arch), hp)
+    m, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16)
+    for name, p in m.named_parameters():
+        assert p.device == synthetic._device_of(name, device_map), name
+    assert {t.device.type for t in m.buffers()} <= {"cuda"}
+    assert torch.isfinite(m(torch.randint(1, 500, (2, 7), device="cuda:0")).logits.float()).all()
+
+
 @pytest.mark.parametrize("arch", tiny.ARCHS)
 def test_every_block_goes_through_its_device_move(arch, monkeypatch):
     """A model split over GPUs needs each block's input on the block's device: every way through
