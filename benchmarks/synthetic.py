@@ -83,7 +83,8 @@ def build_on_devices(config, device_map: dict, *, dtype=torch.bfloat16, seed: in
     each parameter, never on the CPU first: the model is built on the meta device (accelerate's
     init_empty_weights), then each parameter is made on its device in `dtype` and filled there
     (matrices normal(0, initializer_range), biases zero, other vectors one: norms), tied weights
-    are tied again and accelerate's hooks attached (dispatch_model). Seeded per parameter."""
+    are tied again and accelerate's hooks attached (dispatch_model, as from_pretrained does).
+    Seeded per parameter."""
     import time
 
     from accelerate import dispatch_model, init_empty_weights
@@ -107,7 +108,8 @@ def build_on_devices(config, device_map: dict, *, dtype=torch.bfloat16, seed: in
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"left on the meta device: {left[:5]}")
-    model = dispatch_model(model.eval(), device_map=device_map)
+    skip = getattr(model, "_skip_keys_device_placement", None)  # as from_pretrained(device_map=...): the KV cache is not moved
+    model = dispatch_model(model.eval(), device_map=device_map, skip_keys=sorted(skip) if skip else None)
     model.requires_grad_(False)
     for device in {_device_of(n, device_map) for n, _ in model.named_parameters()}:
         if device.type == "cuda":

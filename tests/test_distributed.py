@@ -324,7 +324,8 @@ def test_a_model_split_over_two_gpus_edits_as_on_one(arch, split):
     one, m = tiny.model(arch).to("cuda:0"), tiny.model(arch)
     hp = tiny.hparams(one)
     device_map = distributed.balanced_device_map(m, 2, hparams=hp) if split == "balanced" else _alternating_map(m, hp)
-    m = dispatch_model(m, device_map)
+    skip = getattr(m, "_skip_keys_device_placement", None)  # as from_pretrained(device_map=...) dispatches
+    m = dispatch_model(m, device_map, skip_keys=sorted(skip) if skip else None)
     assert {p.device.index for p in m.parameters()} == {0, 1}
     if split == "alternating":
         assert [m.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device.index for layer in hp.layers] == [0, 1]
