@@ -9,10 +9,13 @@ rank 0's are broadcast), then (a) the statistics pass over --stats-tokens tokens
 documents (compute_stats, no cache) and (b) --edits edits (apply, fast mode, the given synthetic
 statistics, fixed context templates). Per rank: wall time of each phase, time in collectives
 (waits for slower ranks included), peak GPU memory. Rank 0 appends the records.
-split: one process, the layers of a model (NeoX-20B or Llama-3-70B shapes, random bf16 weights
-made directly on the GPUs, never on the CPU) split in order over --gpus GPUs by
-memit_fast.distributed.balanced_device_map; a short statistics pass and a few edits.
-summary: the table of the records of these runs (1 vs N: speed-up and scaling efficiency).
+split: one process, the blocks of a model (NeoX-20B or Llama-3-70B shapes) in order over --gpus
+GPUs by memit_fast.distributed.balanced_device_map, random bf16 weights made directly on their
+GPUs (synthetic.build_on_devices, never on the CPU); the statistics pass over --stats-tokens
+tokens of random documents (up to the last edited layer), then --edits edits with those
+statistics. Per phase: wall time, peak memory per GPU; for the edits the time per edit, and
+under 1,000 edits a record of 1,000 edits' time marked extrapolated.
+summary: the tables of the records of these runs (1 vs N: speed-up and scaling efficiency).
 --tiny: tiny shapes on the CPU (gloo), to prove the script.
 """
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ from benchmarks import results_store, synthetic  # noqa: E402
 
 SPLIT_MODELS = {
     "neox-20b": ("GPTNeoXConfig", dict(hidden_size=6144, intermediate_size=24576, num_hidden_layers=44, num_attention_heads=64,
-                                       vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)),
+                                       vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+                                       hidden_act="gelu_fast", layer_norm_eps=1e-5)),
     "llama-3-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                                         rms_norm_eps=1e-5, tie_word_embeddings=False)),
@@ -136,114 +139,169 @@ def cmd_dp(args) -> int:
     return 0
 
 
-def build_split(name: str, gpus: list, *, tiny: bool = False, seed: int = 0):
-    """(model, device_map, seconds): `name`'s shapes with random bf16 weights (float32 tiny), each
-    parameter made directly on its GPU (accelerate's empty-weights init, then one tensor at a time)."""
-    import transformers
-    from accelerate import dispatch_model, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
+def _gpu_peaks() -> list[float]:
+    """Peak GiB allocated on each GPU since the last call (the peaks are reset)."""
+    out = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        out.append(round(torch.cuda.max_memory_allocated(i) / 2**30, 2))
+        torch.cuda.reset_peak_memory_stats(i)
+    return out
 
-    from memit_fast.distributed import balanced_device_map
+
+def _sync_all():
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        torch.cuda.synchronize(i)
+
+
+def _capacity(config, n_layers: int, gpus: list) -> list[float] | None:
+    """Each GPU's memory for balanced_device_map, the first's less the statistics of the edited
+    layers (which sit there) at their peak: per layer the float64 sum and float32 buffer, the
+    float32 means, and one layer's float64 temporaries while its mean is taken. None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    d_ff = config.intermediate_size
+    total = [torch.cuda.get_device_properties(g).total_memory for g in gpus]
+    return [total[0] - d_ff**2 * (16 * n_layers + 24)] + total[1:]
+
+
+def split_config(name: str, tiny: bool = False):
+    import transformers
 
     cls_name, kw = SPLIT_MODELS[name]
-    config = getattr(transformers, cls_name)(**dict(kw, **(SPLIT_TINY[name] if tiny else {})))
-    dtype = torch.float32 if tiny else torch.bfloat16
-    t0 = time.perf_counter()
-    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on the CPU
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    device_map = balanced_device_map(model, gpus)
-    g = torch.Generator().manual_seed(seed)
-    for pname, p in list(model.named_parameters()):
-        dev = next(d for k, d in device_map.items() if pname == k or pname.startswith(k + "."))
-        dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-        value = torch.empty(p.shape, dtype=dtype, device=dev)
-        if p.dim() >= 2:
-            value.normal_(0.0, config.initializer_range, generator=torch.Generator(dev).manual_seed(int(torch.randint(1 << 30, (1,), generator=g))))
-        elif pname.endswith("bias"):
-            value.zero_()
-        else:
-            value.fill_(1.0)
-        set_module_tensor_to_device(model, pname, dev, value=value)
-    model = dispatch_model(model.eval(), device_map=device_map)
-    model.requires_grad_(False)
-    _sync()
-    return model, device_map, time.perf_counter() - t0
+    return getattr(transformers, cls_name)(**dict(kw, **(SPLIT_TINY[name] if tiny else {})))
 
 
 def cmd_split(args) -> int:
+    """One process, `--model`'s layers over --gpus GPUs: the statistics pass, then --edits edits
+    with those statistics; a record per phase as soon as it ends (a stage cut by its time limit
+    keeps the phases done)."""
     import memit_fast
+    from memit_fast.distributed import balanced_device_map
+    from memit_fast.profiling import PhaseTimer
 
     gpus = list(range(args.gpus)) if torch.cuda.is_available() else ["cpu"] * args.gpus
     tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
-    model, device_map, build_s = build_split(args.model, gpus, tiny=args.tiny)
-    hp = memit_fast.presets.for_model(model)
+    config = split_config(args.model, args.tiny)
+    hp = memit_fast.presets.for_config(config)
     if args.layers:
         hp = hp.replace(layers=hp.layers[-args.layers:])
-    where = {str(layer): str(model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device) for layer in hp.layers}
+    device_map = balanced_device_map(config, gpus, hparams=hp, capacity=_capacity(config, len(hp.layers), gpus))
+    model, build_s = synthetic.build_on_devices(config, device_map, dtype=torch.float32 if args.tiny else torch.bfloat16)
+    hp = memit_fast.presets.for_model(model).replace(layers=hp.layers)
+    prefix = hp.layer_module_tmp.split("{}")[0]
+    blocks = {str(d): [int(k[len(prefix):]) for k, v in device_map.items() if v == d and k.startswith(prefix)] for d in dict.fromkeys(device_map.values())}
+    params = {"gpus": args.gpus, "build_s": round(build_s, 2), "model_tiny": args.tiny, "layers": hp.layers, "v_loss_layer": hp.v_loss_layer,
+              "blocks_per_gpu": {d: f"{b[0]}..{b[-1]}" for d, b in blocks.items() if b}, "weights_gib_per_gpu": _gpu_peaks(),
+              "layer_devices": {str(layer): str(model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device) for layer in hp.layers}}
+    print(json.dumps({"model": args.model, "built": params}), flush=True)
     ctx = results_store.context(f"distributed_bench split {args.model}", " ".join(["python -m benchmarks.distributed_bench", *sys.argv[1:]]))
-    per_gpu = {}
-    docs = synthetic.random_documents(tok, args.stats_tokens, max_length=1024, seed=1)
-    stats, stats_info = _phase(lambda: memit_fast.compute_stats(model, tok, hp, corpus=docs, use_cache=False, progress=False,
-                                                                 batch_tokens=args.batch_tokens))  # fmt: skip
-    stats_info["tokens"] = next(iter(stats.values())).count
-    stats_info["stats_devices"] = {str(k): str(v.mom2.device) for k, v in stats.items()}
-    if torch.cuda.is_available():
-        per_gpu["after_stats"] = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
-    requests = synthetic.make_requests(synthetic.load_records(fallback_ok=args.tiny), args.edits)
-    _, edit_info = _phase(lambda: memit_fast.apply(model, tok, requests, hp, stats=stats, context_templates=synthetic.TEMPLATES,
-                                                   progress=False, return_orig_weights=False))  # fmt: skip
-    if torch.cuda.is_available():
-        per_gpu["memory_gib"] = [round(torch.cuda.memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
-    params = {"gpus": args.gpus, "build_s": round(build_s, 2), "layer_devices": where, "per_gpu": per_gpu, "model_tiny": args.tiny,
-              "blocks_per_gpu": {str(d): sum(1 for k, v in device_map.items() if v == d and k.startswith(hp.layer_module_tmp.split("{}")[0])) for d in set(device_map.values())}}
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    records = [
-        results_store.make("stats", f"split statistics {label}", "seconds", stats_info["seconds"], "s", ctx, model=args.model, dtype=dtype,
-                           shape={"tokens": stats_info["tokens"]}, params=params | {"phase": stats_info}, note=f"one process, layers over {args.gpus} GPUs"),
-        results_store.make("profile_run", f"split edits {label}", "seconds", edit_info["seconds"], "s", ctx, model=args.model, dtype=dtype,
-                           n_edits=args.edits, params=params | {"phase": edit_info}, note=f"one process, layers over {args.gpus} GPUs"),
-    ]  # fmt: skip
-    if args.records:
-        results_store.append(records, args.records)
-    print(json.dumps({"model": args.model, "statistics": stats_info, "edits": edit_info, **params}))
+    note = f"one process, blocks over {args.gpus} GPUs in order (one GPU works at a time); random weights"
+
+    def emit(records: list[dict], phase: str, info: dict) -> None:
+        if args.records:
+            results_store.append(records, args.records)
+        print(json.dumps({"model": args.model, phase: info}), flush=True)
+
+    def timed(fn):
+        _sync_all()
+        _gpu_peaks()
+        t0 = time.perf_counter()
+        out = fn()
+        _sync_all()
+        return out, {"seconds": round(time.perf_counter() - t0, 3), "peak_gib_per_gpu": _gpu_peaks()}
+
+    stats = None
+    if args.stats_tokens:
+        docs = synthetic.random_documents(tok, args.stats_tokens, max_length=1024, seed=1)
+        stats, info = timed(lambda: memit_fast.compute_stats(model, tok, hp, corpus=docs, use_cache=False, progress=False,
+                                                             batch_tokens=args.batch_tokens))  # fmt: skip
+        info["tokens"] = next(iter(stats.values())).count
+        info["stats_devices"] = sorted({str(v.mom2.device) for v in stats.values()})
+        rec = results_store.make("stats", f"split statistics {label}", "seconds", info["seconds"], "s", ctx, model=args.model, dtype=dtype,
+                                 shape={"tokens": info["tokens"], "layers": len(hp.layers)}, params=params | {"phase": info}, note=note)  # fmt: skip
+        emit([rec], "statistics", info)
+    if args.edits:
+        given = stats or synthetic.synthetic_stats(model, hp)
+        requests = synthetic.make_requests(synthetic.load_records(fallback_ok=args.tiny), args.edits)
+        timer = PhaseTimer()
+        _, info = timed(lambda: memit_fast.apply(model, tok, requests, hp, stats=given, context_templates=synthetic.TEMPLATES,
+                                                 progress=False, return_orig_weights=False, timer=timer))  # fmt: skip
+        info["phases"] = {k: round(v["seconds"], 3) for k, v in timer.totals().items()}
+        info["per_edit_s"] = round(info["seconds"] / args.edits, 4)
+        info["memory_gib_per_gpu"] = [round(torch.cuda.memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        recs = [results_store.make("profile_run", f"split edits {label}", "seconds", info["seconds"], "s", ctx, model=args.model, dtype=dtype,
+                                   n_edits=args.edits, params=params | {"phase": info}, note=note + f"; {args.edits} edits measured")]  # fmt: skip
+        if args.edits < 1000:
+            recs.append(results_store.make("profile_run", f"split edits {label}", "seconds", round(info["per_edit_s"] * 1000, 1), "s", ctx,
+                                           extrapolated=True, model=args.model, dtype=dtype, n_edits=1000, params=params | {"from_edits": args.edits},
+                                           note=f"NOT measured: {args.edits} edits' time x 1000/{args.edits} (assumes time linear in the edits)"))  # fmt: skip
+        emit(recs, "edits", info)
     return 0
 
 
 def cmd_summary(args) -> int:
-    """The table of the dp and split records in --records, and scaling records (appended)."""
+    """The tables of the dp and split records in --records, and scaling records (appended)."""
     recs = [r for r in results_store.load(args.records) if r.get("run_id", "").startswith("distributed_bench")]
     if not recs:
         print("no distributed_bench records")
         return 1
+    dp = [r for r in recs if r["name"].startswith("distributed")]
+    split = [r for r in recs if r["name"].startswith("split")]
+    extra = _dp_table(dp) if dp else []
+    if split:
+        _split_table(split)
+    if extra and args.append_scaling:
+        results_store.append(extra, args.records)
+    return 0
+
+
+def _dp_table(recs: list[dict]) -> list[dict]:
+    """Print 1 vs N ranks; returns the scaling-efficiency records."""
     print(f"{'run':44s} {'GPUs':>4s} {'seconds':>8s} {'speed-up':>8s} {'effic.':>6s} {'comm s':>7s} {'peak GiB per GPU':>18s}  phases of rank 0 (s)")
-    base = {(r["name"], r.get("n_edits")): r["value"] for r in recs if r["name"].startswith("distributed") and r.get("params", {}).get("gpus") == 1}
+    base = {(r["name"], r.get("n_edits")): r["value"] for r in recs if r.get("params", {}).get("gpus") == 1}
     extra = []
-    recs.sort(key=lambda r: (r["name"].startswith("split"), r["name"], r.get("params", {}).get("gpus", 1)))
-    for r in recs:
+    for r in sorted(recs, key=lambda r: (r["name"], r.get("params", {}).get("gpus", 1))):
         p = r.get("params", {})
-        n = p.get("gpus", 1)
-        ranks = p.get("per_rank") or [p.get("phase", {})]
-        comm = max(x.get("comm_s", 0) for x in ranks)
-        peaks = ",".join(str(x.get("peak_gib", "")) for x in ranks) if "per_rank" in p else ",".join(map(str, p.get("per_gpu", {}).get("memory_gib", [])))
+        n, ranks = p.get("gpus", 1), p.get("per_rank", [{}])
         key = (r["name"], r.get("n_edits"))
         speed = eff = ""
-        if r["name"].startswith("distributed") and n > 1 and key in base:
+        if n > 1 and key in base:
             s = base[key] / r["value"]
             speed, eff = f"{s:.2f}x", f"{s / n:.0%}"
             extra.append(results_store.make(r["kind"], r["name"], "scaling_efficiency", round(s / n, 4), "fraction",
                                             {k: r[k] for k in ("device", "date", "commit", "command", "versions", "run_id")},
                                             model=r.get("model"), n_edits=r.get("n_edits"), params={"gpus": n, "speedup": round(s, 4)}))
-        phases = ranks[0].get("phases", {})
-        text = " ".join(f"{k}={v:.1f}" for k, v in phases.items())
+        comm = max(x.get("comm_s", 0) for x in ranks)
+        peaks = ",".join(str(x.get("peak_gib", "")) for x in ranks)
+        text = " ".join(f"{k}={v:.1f}" for k, v in ranks[0].get("phases", {}).items())
         print(f"{r['name'][:44]:44s} {n:4d} {r['value']:8.2f} {speed:>8s} {eff:>6s} {comm:7.2f} {peaks:>18s}  {text}")
         if len(ranks) > 1:
             for i, x in enumerate(ranks):
                 ph = " ".join(f"{k}={v:.1f}" for k, v in x.get("phases", {}).items())
                 print(f"{'  rank ' + str(i):44s} {'':4s} {x['seconds']:8.2f} {'':8s} {'':6s} {x['comm_s']:7.2f} {x['peak_gib']:>18}  {ph}")
-    if extra and args.append_scaling:
-        results_store.append(extra, args.records)
-    return 0
+    return extra
+
+
+def _split_table(recs: list[dict]) -> None:
+    """Print the split-model runs: time, edits or tokens, time per edit, peak memory per GPU."""
+    shown = set()
+    print(f"\n{'split run':36s} {'GPUs':>4s} {'seconds':>8s} {'edits':>6s} {'s/edit':>7s} {'tokens':>9s} {'peak GiB per GPU':>16s}  phases (s)")
+    for r in recs:
+        p = r.get("params", {})
+        ph = p.get("phase", {})
+        tokens = (r.get("shape") or {}).get("tokens", "")
+        per_edit = f"{r['value'] / r['n_edits']:.3f}" if r.get("n_edits") else ""
+        peaks = ",".join(map(str, ph.get("peak_gib_per_gpu", [])))
+        text = " ".join(f"{k}={v:.1f}" for k, v in ph.get("phases", {}).items())
+        if r.get("extrapolated"):
+            text = f"EXTRAPOLATED from {p.get('from_edits')} edits, not measured"
+        print(f"{r['name'][:36]:36s} {p.get('gpus', 1):4d} {r['value']:8.1f} {r.get('n_edits') or '':>6} {per_edit:>7s} {tokens:>9} {peaks:>16s}  {text}")
+        if "blocks_per_gpu" in p and r.get("model") not in shown:
+            shown.add(r.get("model"))
+            print(f"{'':36s} blocks per GPU {p['blocks_per_gpu']}, edited layers {p.get('layers')} on {sorted(set(p.get('layer_devices', {}).values()))}, "
+                  f"weights GiB per GPU {p.get('weights_gib_per_gpu')}, built in {p.get('build_s')} s")
 
 
 def main(argv=None) -> int:
@@ -260,9 +318,9 @@ def main(argv=None) -> int:
     dp.add_argument("--edits", type=int, default=2000, help="edits (0: none)")
     split.add_argument("--model", default="neox-20b", choices=list(SPLIT_MODELS))
     split.add_argument("--gpus", type=int, default=2)
-    split.add_argument("--stats-tokens", type=int, default=200_000)
+    split.add_argument("--stats-tokens", type=int, default=1_000_000, help="tokens of the statistics pass (0: none; the edits then use synthetic statistics)")
     split.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per statistics forward")
-    split.add_argument("--edits", type=int, default=32)
+    split.add_argument("--edits", type=int, default=1000, help="edits (0: none)")
     split.add_argument("--layers", type=int, default=None, help="edit only the last N of the preset's critical layers (memory: their statistics share a GPU)")
     s = sub.add_parser("summary")
     s.add_argument("--records", required=True)

@@ -2,7 +2,8 @@
 fixed context templates, synthetic "cached" statistics, random documents, and a FLOP model of z.
 
 Nothing here reads weights or data from a hub: the models are transformers configs with random
-weights (HF's own initialisation, run on the target device), the tokenizer is the SmolLM2 one
+weights (HF's own initialisation run on the target device, or `build_on_devices` for a model
+larger than one GPU), the tokenizer is the SmolLM2 one
 (49,152 ids, which every model below accepts), requests come from CounterFact records.
 """
 
@@ -74,6 +75,55 @@ def build_model(name: str, *, tiny: bool = False, device=None, dtype=None, seed:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return model, time.perf_counter() - t0
+
+
+def build_on_devices(config, device_map: dict, *, dtype=torch.bfloat16, seed: int = 0):
+    """(model, seconds): `config`'s architecture with random weights made where `device_map`
+    (module name -> GPU index or device, e.g. memit_fast.distributed.balanced_device_map's) puts
+    each parameter, never on the CPU first: the model is built on the meta device (accelerate's
+    init_empty_weights), then each parameter is made on its device in `dtype` and filled there
+    (matrices normal(0, initializer_range), biases zero, other vectors one: norms), tied weights
+    are tied again and accelerate's hooks attached (dispatch_model, as from_pretrained does).
+    Seeded per parameter."""
+    import time
+
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    seeds = torch.Generator().manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        device = _device_of(name, device_map)
+        value = torch.empty(p.shape, dtype=dtype, device=device)
+        if p.dim() >= 2:
+            g = torch.Generator(device).manual_seed(int(torch.randint(1 << 62, (1,), generator=seeds)))
+            value.normal_(0.0, config.initializer_range, generator=g)
+        else:
+            value.fill_(0.0 if name.endswith("bias") else 1.0)
+        set_module_tensor_to_device(model, name, device, value=value)
+    model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"left on the meta device: {left[:5]}")
+    skip = getattr(model, "_skip_keys_device_placement", None)  # as from_pretrained(device_map=...): the KV cache is not moved
+    model = dispatch_model(model.eval(), device_map=device_map, skip_keys=sorted(skip) if skip else None)
+    model.requires_grad_(False)
+    for device in {_device_of(n, device_map) for n, _ in model.named_parameters()}:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return model, time.perf_counter() - t0
+
+
+def _device_of(name: str, device_map: dict) -> torch.device:
+    """The device of parameter `name` in `device_map`: that of its longest module prefix ("" is the root)."""
+    key = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if key is None:
+        raise KeyError(f"{name} is in no module of the device map")
+    where = device_map[key]
+    return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -271,11 +271,13 @@ def check_same(what: str, tensors: list[torch.Tensor]) -> None:
 # ---- models split over the GPUs of one process ----------------------------------------------
 
 
-def balanced_device_map(model_or_config, devices: list[int] | int, *, hparams=None) -> dict[str, int]:
+def balanced_device_map(model_or_config, devices: list[int] | int, *, hparams=None, capacity: list[float] | None = None) -> dict[str, int]:
     """A device_map (module name -> GPU index) for `transformers` / `accelerate`: the blocks in
     order over `devices` (a count or a list of GPU indices), as many parameters on each GPU as
     can be, counting the embeddings, the final norm and the head, which go on the first GPU.
-    model_or_config: a model (on the meta device is enough) or its config."""
+    model_or_config: a model (on the meta device is enough) or its config. capacity: each
+    device's relative room for weights (default equal; e.g. its memory less what it must hold
+    besides, such as the statistics of the edited layers)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -291,10 +293,14 @@ def balanced_device_map(model_or_config, devices: list[int] | int, *, hparams=No
     sizes = {name: sum(p.numel() for p in model.get_submodule(name).parameters()) for name in blocks}
     in_blocks = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
-    share = (sum(sizes.values()) + rest) / len(devices)
+    capacity = list(capacity) if capacity is not None else [1.0] * len(devices)
+    if len(capacity) != len(devices) or min(capacity) <= 0:
+        raise ValueError(f"capacity {capacity}: one positive value per device of {devices}")
+    total = sum(sizes.values()) + rest
+    bounds = [total * sum(capacity[: g + 1]) / sum(capacity) for g in range(len(devices))]  # parameters on devices 0..g
     device_map, gpu, load = {}, 0, rest
     for name in blocks:
-        if load + sizes[name] / 2 > share * (gpu + 1) and gpu < len(devices) - 1:
+        while load + sizes[name] / 2 > bounds[gpu] and gpu < len(devices) - 1:
             gpu += 1
         device_map[name] = devices[gpu]
         load += sizes[name]

@@ -248,27 +248,125 @@ def test_a_split_with_the_head_elsewhere_is_refused():
         distributed.check_split(layout)
 
 
+def test_balanced_device_map_follows_the_capacity():
+    m = tiny.model("gptj", layers=12)
+    hp = tiny.hparams(m)
+    blocks = lambda dm: [dm[hp.layer_module_tmp.format(i)] for i in range(12)]  # noqa: E731
+    assert blocks(distributed.balanced_device_map(m, 2, hparams=hp, capacity=[1, 3])).count(0) < blocks(distributed.balanced_device_map(m, 2, hparams=hp)).count(0)
+    with pytest.raises(ValueError, match="one positive value per device"):
+        distributed.balanced_device_map(m, 2, hparams=hp, capacity=[1])
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_build_on_devices_makes_every_weight_where_the_map_says(arch):
+    """benchmarks/synthetic.build_on_devices (the NeoX-20B and Llama-3-70B benchmark models):
+    built on the meta device, each parameter then made on its device (here the CPU) in the dtype
+    asked: matrices normal(0, initializer_range), biases zero, norms one, tied weights tied,
+    seeded; the model runs."""
+    synthetic = _load_benchmark_module("synthetic")
+    config = tiny.model(arch).config
+    device_map = distributed.balanced_device_map(config, ["cpu", "cpu"])
+    m, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16, seed=3)
+    named = dict(m.named_parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in named.values())
+    assert not any(t.is_meta for t in m.buffers())
+    for name, p in named.items():
+        if p.dim() >= 2:
+            assert abs(p.float().std().item() - config.initializer_range) < 0.2 * config.initializer_range, name
+        else:
+            assert torch.all(p == (0 if name.endswith("bias") else 1)), name
+    head, embed = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+    assert (head is embed) == bool(getattr(config, "tie_word_embeddings", False))
+    again, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16, seed=3)
+    other, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
+    assert not torch.equal(embed, other.get_input_embeddings().weight)
+    assert torch.isfinite(m(torch.randint(1, 500, (2, 7))).logits).all()
+
+
+def _load_benchmark_module(name: str):
+    """benchmarks/NAME.py loaded by its path (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered first: its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _alternating_map(m, hp) -> dict:
+    """Block i on cuda:(i % 2), the rest on cuda:0: every block's input crosses a device."""
+    dm = distributed.balanced_device_map(m, 2, hparams=hp)
+    prefix = hp.layer_module_tmp.split("{}")[0]
+    return {k: (int(k[len(prefix):]) % 2 if k.startswith(prefix) else 0) for k in dm}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("split", ["balanced", "alternating"])
 @pytest.mark.parametrize("arch", tiny.ARCHS)
-def test_a_model_split_over_two_gpus_edits_as_on_one(arch):
-    """Blocks over cuda:0 and cuda:1 (the critical layers on cuda:1): statistics on each layer's
-    GPU, and statistics and deltas equal to the same model on cuda:0."""
+def test_a_model_split_over_two_gpus_edits_as_on_one(arch, split):
+    """Blocks over cuda:0 and cuda:1, in order (balanced: the critical layers on cuda:1) or
+    alternating (each block on the other GPU than the one before): the model's own forward (the
+    evaluation's path), statistics (on each layer's GPU), z, the keys of each layer, and the
+    deltas of `apply` equal the same model's on cuda:0."""
     from accelerate import dispatch_model
 
-    one, split = tiny.model(arch).to("cuda:0"), tiny.model(arch)
+    from memit_fast.edit_requests import normalize_requests
+    from memit_fast.keys import KeyReader, key_rows
+    from memit_fast.layouts import layout_for
+    from memit_fast.targets import compute_targets
+    from memit_fast.templates import flatten
+    from memit_fast.tokens import encode_requests
+
+    one, m = tiny.model(arch).to("cuda:0"), tiny.model(arch)
     hp = tiny.hparams(one)
-    split = dispatch_model(split, distributed.balanced_device_map(split, 2, hparams=hp))
-    assert {p.device.index for p in split.parameters()} == {0, 1}
-    stats_one, stats_split = tiny.stats(one, hp), tiny.stats(split, hp)
+    device_map = distributed.balanced_device_map(m, 2, hparams=hp) if split == "balanced" else _alternating_map(m, hp)
+    skip = getattr(m, "_skip_keys_device_placement", None)  # as from_pretrained(device_map=...) dispatches
+    m = dispatch_model(m, device_map, skip_keys=sorted(skip) if skip else None)
+    assert {p.device.index for p in m.parameters()} == {0, 1}
+    if split == "alternating":
+        assert [m.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device.index for layer in hp.layers] == [0, 1]
+    ids = torch.randint(1, 500, (3, 9), device="cuda:0")
+    torch.testing.assert_close(m(ids).logits.to("cuda:0"), one(ids).logits, rtol=1e-9, atol=1e-9)
+    stats_one, stats_split = tiny.stats(one, hp), tiny.stats(m, hp)
     for layer in hp.layers:
-        assert stats_split[layer].mom2.device == split.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device
+        assert stats_split[layer].mom2.device == m.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device
         assert stats_split[layer].count == stats_one[layer].count
         torch.testing.assert_close(stats_split[layer].mom2.cpu(), stats_one[layer].mom2.cpu(), rtol=1e-6, atol=1e-12)
-    d_one, d_split = _edit(one, hp, stats_one), _edit(split, hp, stats_one)
+    tok = tiny.tokenizer()
+    enc = encode_requests(tok, normalize_requests(_requests()), flatten(tiny.TEMPLATES), hp.fact_token)
+    z_one, z_split = (compute_targets(x, tok, enc, hp, progress=False) for x in (one, m))
+    assert z_split.device == torch.device("cuda:0")
+    torch.testing.assert_close(z_split, z_one, rtol=1e-8, atol=1e-10)
+    readers = [KeyReader(x, layout_for(x, hp), tok, key_rows(enc), len(enc), hp.layers[-1], tiny.TEMPLATES) for x in (one, m)]
+    for layer in hp.layers:
+        (k1, c1), (k2, c2) = (r.read(layer) for r in readers)
+        torch.testing.assert_close(k2, k1, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c2, c1, rtol=1e-9, atol=1e-12)
+    d_one, d_split = _edit(one, hp, stats_one), _edit(m, hp, stats_one)
     assert d_one.keys() == d_split.keys() and len(d_one) == 2
     for name, d in d_one.items():
         assert (d_split[name].to(d.device) - d).norm() / d.norm() < 1e-8, name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_build_on_devices_over_two_gpus(arch):
+    """The benchmark models' build over cuda:0 and cuda:1: every parameter on its mapped GPU, none
+    on the CPU or the meta device, and the model runs."""
+    synthetic = _load_benchmark_module("synthetic")
+    config = tiny.model(arch).config
+    hp = tiny.hparams(tiny.model(arch))
+    device_map = _alternating_map(tiny.model(arch), hp)
+    m, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16)
+    for name, p in m.named_parameters():
+        assert p.device == synthetic._device_of(name, device_map), name
+    assert {t.device.type for t in m.buffers()} <= {"cuda"}
+    assert torch.isfinite(m(torch.randint(1, 500, (2, 7), device="cuda:0")).logits.float()).all()
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
