@@ -397,7 +397,7 @@ class _Prefix:
 
     def __getitem__(self, j):
         k, v = self.kv[j]
-        return k[self.b, :, :self.P], v[self.b, :, :self.P]
+        return k[:, :, :self.P][self.b], v[:, :, :self.P][self.b]
 
 
 def _suffix_rows(layout, ids, last, noise, hidden, clean, spec, lo, hi, samples, batch_tokens):
