@@ -6,8 +6,9 @@ records of a `memit-fast trace` run.
     python -m benchmarks.trace_bench --from-trace OUT/trace/trace.json --records OUT/records.jsonl
 
 Fast mode: facts/s over the first --facts known facts (each traced on the model's own
-prediction: 3 kinds x layers x tokens restorations, --samples noise samples each). The original
-notebook's structure (one forward of 1 clean + samples noisy rows per restoration) is timed on
+prediction: 3 kinds x layers x tokens restorations, --samples noise samples each, every one run
+from its first changed block and token over the corrupted run's cached keys and values). In the
+same run, the original notebook's structure (one forward of 1 clean + samples noisy rows per restoration) is timed on
 --reference-forwards restorations of the first facts and extrapolated to whole facts (every
 kind, layer and token of the fast run's facts, plus the clean and corrupted runs): those records
 say extrapolated. --tiny: the same on a tiny model of the same architecture (CPU check).

@@ -11,8 +11,9 @@ the corrupted run's, is that state's indirect effect.
     suggest_layers(result, 5)                        # the band of 5 MLP layers with the largest effect
 
 `mode="fast"` runs every restoration of many facts in a few batched forwards through the model's
-layout (memit_fast/layouts), each restored row starting at the first block it changes from the
-corrupted run's state there; `mode="reference"` keeps the original notebook's structure (one
+layout (memit_fast/layouts), each restored row starting at the first block and the first token it
+changes, from the corrupted run's state there and over its cached keys and values of the earlier
+tokens (docs/tracing.md, "How it runs fast"); `mode="reference"` keeps the original notebook's structure (one
 forward per restoration: the clean row and the noise samples, patched by forward hooks on the
 HF modules) and is the check and the speed baseline of the fast mode.
 """
@@ -28,6 +29,7 @@ import torch
 
 from .errors import ConfigError, RequestError
 from .layouts import Layout, layout_for
+from .layouts.base import score_dtype
 from .model_access import block_output, get_module, hooks, model_device, with_block_output
 from .tokens import encode_prompts, encode_target, pad_id, pad_right
 
@@ -304,7 +306,6 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
     every restoration of every fact as rows of a few batched forwards. (traces, skipped); traces is
     None when the deadline (a time.perf_counter() value) passed before the group was done."""
     device, L = model_device(model), layout.n_layers
-    family = isinstance(layout, Layout)
     ids, _ = pad_right([p.ids for p in group], pad_id(tok), device)
     last = torch.tensor([len(p.ids) - 1 for p in group], device=device)
     clean_logits, clean = layout.patched_forward(ids, last, record=True)
@@ -328,11 +329,6 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
     fr = torch.arange(F, device=device).repeat_interleave(samples)
     base_logits, base = layout.patched_forward(ids[fr], last[fr], noise=noise, record=True)
     p_corr = _prob(base_logits, answers[fr]).view(F, samples).mean(1)
-    if family:
-        embedded = layout.start(ids[fr])[0] + noise
-        base_states = [embedded, *base["hidden"]]  # state entering block e, e = 0..L
-        clean_states = [None, *clean["hidden"]]
-    del base
 
     # every restoration: (fact, kind, layer, token) for tokens from the subject's first on
     spec = []
@@ -342,52 +338,108 @@ def _trace_group(model, tok, layout, hparams, group, *, samples, std, window, an
                 for t in range(p.subject[0], len(p.ids)):
                     spec.append((f, KINDS.index(k), layer, t))
     spec = torch.tensor(spec, dtype=torch.long).view(-1, 4)
-    f_, k_, l_, t_ = spec.unbind(1)
-    lo = torch.where(k_ == 0, l_ + 1, (l_ - window // 2).clamp(min=0))  # hidden rows enter after their layer
+    _, k_, l_, _ = spec.unbind(1)
+    lo = torch.where(k_ == 0, l_, (l_ - window // 2).clamp(min=0))  # layers [lo, hi) restored
     hi = torch.where(k_ == 0, l_ + 1, (l_ - (-window // 2)).clamp(max=L))
-    enter = lo if family else torch.zeros_like(lo)
+    if isinstance(layout, Layout):
+        runs = _suffix_rows(layout, ids, last, noise, base["hidden"], clean, spec, lo, hi, samples, batch_tokens)
+    else:
+        runs = _whole_rows(layout, ids, last, noise, clean, spec, lo, hi, samples, batch_tokens)
+    del base
     total = torch.zeros(len(spec), dtype=torch.float64)
-    rows_per_chunk = max(1, batch_tokens // S // samples)  # restorations per forward, `samples` rows each
-    for e in enter.unique().tolist():
-        which = (enter == e).nonzero()[:, 0]
-        for c in range(0, len(which), rows_per_chunk):
-            r = which[c:c + rows_per_chunk]
-            rr = r.repeat_interleave(samples)  # one row per (restoration, sample)
-            ss = torch.arange(samples).repeat(len(r))
-            fd, td = f_[rr].to(device), t_[rr].to(device)
-            patches = {}
-            for j in range(e, L):
-                for k in (1, 2):
-                    sel = ((k_[rr] == k) & (lo[rr] <= j) & (j < hi[rr])).nonzero()[:, 0]
-                    if len(sel):
-                        sd = sel.to(device)
-                        patches.setdefault(j, {})[KINDS[k]] = (sd, td[sd], clean[KINDS[k]][j][fd[sd], td[sd]])
-            hid = (k_[rr] == 0).nonzero()[:, 0].to(device)
-            if family:
-                h = base_states[e][fd * samples + ss.to(device)]
-                if len(hid):
-                    h[hid, td[hid]] = clean_states[e][fd[hid], td[hid]].to(h.dtype)
-                logits = layout.patched_forward(ids[fd], last[fd], patches=patches, enter=(e, h))
-            else:
-                for j in range(L):
-                    at = hid[(l_[rr].to(device)[hid] == j)]
-                    if len(at):
-                        patches.setdefault(j, {})["hidden"] = (at, td[at], clean["hidden"][j][fd[at], td[at]])
-                logits = layout.patched_forward(ids[fd], last[fd], noise=noise[fd * samples + ss.to(device)], patches=patches)
-            probs = _prob(logits, answers[fd]).double().cpu()
-            total.index_add_(0, rr, probs / samples)
-            if deadline is not None and time.perf_counter() > deadline:
-                return None, dropped
+    for rr, logits in runs:
+        total.index_add_(0, rr, _prob(logits, answers[spec[rr, 0].to(device)]).double().cpu() / samples)
+        if deadline is not None and time.perf_counter() > deadline:
+            return None, dropped
     traces = []
     for f, p in enumerate(group):
         T = len(p.ids)
         scores = {k: torch.full((T, L), float(p_corr[f]), dtype=torch.float64) for k in kinds}
-        mine = f_ == f
+        mine = spec[:, 0] == f
         for k in kinds:
             sel = mine & (k_ == KINDS.index(k))
-            scores[k][t_[sel], l_[sel]] = total[sel]
+            scores[k][spec[sel, 3], l_[sel]] = total[sel]
         traces.append(_make_trace(tok, p, answer_ids[f], float(p_clean[f]), float(p_corr[f]), scores))
     return traces, dropped
+
+
+def _patches(kinds, lo, hi, fd, td, tokens, clean, layers) -> dict:
+    """{layer: {kind: (rows, tokens, clean values)}} restoring each row's kind ("hidden", "mlp",
+    "attn" as 0, 1, 2) over its layers [lo, hi) at its token td (in the row's columns: `tokens`)."""
+    patches = {}
+    for j in layers:
+        for k in range(3):
+            sel = ((kinds == k) & (lo <= j) & (j < hi)).nonzero()[:, 0]
+            if len(sel):
+                sd = sel.to(fd.device)
+                patches.setdefault(j, {})[KINDS[k]] = (sd, tokens[sd], clean[KINDS[k]][j][fd[sd], td[sd]])
+    return patches
+
+
+def _whole_rows(layout, ids, last, noise, clean, spec, lo, hi, samples, batch_tokens):
+    """Restorations as whole rows run from the embeddings (any layout: the generic one patches HF's
+    forward by hooks). Yields (restorations of the rows (B,), logits (B, V)), `samples` rows each."""
+    device, S = ids.device, ids.shape[1]
+    per = max(1, batch_tokens // S // samples)
+    for c in range(0, len(spec), per):
+        rr = torch.arange(c, min(c + per, len(spec))).repeat_interleave(samples)
+        fd, td = spec[rr, 0].to(device), spec[rr, 3].to(device)
+        b = fd * samples + torch.arange(samples, device=device).repeat(len(rr) // samples)
+        patches = _patches(spec[rr, 1], lo[rr], hi[rr], fd, td, td, clean, range(layout.n_layers))
+        yield rr, layout.patched_forward(ids[fd], last[fd], noise=noise[b], patches=patches)
+
+
+class _Prefix:
+    """Per block, the corrupted run's keys and values of rows b, tokens [0, P), gathered when read."""
+
+    def __init__(self, kv, b, P):
+        self.kv, self.b, self.P = kv, b, P
+
+    def __getitem__(self, j):
+        k, v = self.kv[j]
+        return k[:, :, :self.P][self.b], v[:, :, :self.P][self.b]
+
+
+def _suffix_rows(layout, ids, last, noise, hidden, clean, spec, lo, hi, samples, batch_tokens):
+    """Restorations through a family layout, each run only where it changes the corrupted run: a
+    restoration first changes block e = lo (e = layer + 1 for "hidden", whose row starts from the
+    clean block output) at token t, so its rows start at block e from the corrupted rows' block
+    inputs there, hold only tokens t.. (earlier ones stay corrupted under causal attention) and
+    attend to the corrupted rows' keys and values of tokens < t. Grouped by e, sorted by length,
+    at most batch_tokens tokens a forward. Yields (restorations of the rows (B,), logits (B, V))."""
+    device, (F, S), L = ids.device, ids.shape, layout.n_layers
+    positions = torch.arange(S, device=device).expand(F * samples, S)
+    states = [layout.start(ids.repeat_interleave(samples, 0))[0] + noise, *hidden]  # block inputs, corrupted rows
+    scores = score_dtype(states[0].dtype)  # keys converted once, not at every read
+    kv = [(k.to(scores), v) for k, v in (layout.input_kv(j, states[j], positions) for j in range(L))]
+    clean_in = [None, *clean["hidden"]]
+    kinds, layer, t_ = spec[:, 1], spec[:, 2], spec[:, 3]
+    enter = torch.where(kinds == 0, layer + 1, lo)
+    length = last.cpu()[spec[:, 0]] + 1 - t_
+    for e in enter.unique().tolist():
+        which = (enter == e).nonzero()[:, 0]
+        which = which[length[which].argsort(stable=True)]
+        lengths = length[which].tolist()
+        c = 0
+        while c < len(which):
+            n = 1
+            while c + n < len(which) and (n + 1) * samples * lengths[c + n] <= batch_tokens:
+                n += 1
+            r, W = which[c:c + n], lengths[c + n - 1]
+            c += n
+            rr = r.repeat_interleave(samples)
+            fd, td = spec[rr, 0].to(device), t_[rr].to(device)
+            b = fd * samples + torch.arange(samples, device=device).repeat(n)
+            pos = td[:, None] + torch.arange(W, device=device)
+            h = states[e][b[:, None], pos.clamp(max=S - 1)]
+            hid = (kinds[rr] == 0).nonzero()[:, 0].to(device)
+            if len(hid):
+                h[hid, 0] = clean_in[e][fd[hid], td[hid]].to(h.dtype)
+            P = int(t_[r].max())
+            mask = torch.arange(P, device=device) < td[:, None] if P else None
+            patches = _patches(kinds[rr], lo[rr], hi[rr], fd, td, torch.zeros_like(td), clean, range(e, L))
+            yield rr, layout.suffix_patched_forward(h, e, pos, last[fd] - td, past=_Prefix(kv, b, P) if P else None,
+                                                    prefix_mask=mask, patches=patches)
 
 
 # ---- the original notebook's structure: one restoration per forward, hooks on HF modules ----

@@ -1,8 +1,10 @@
 """Causal tracing (memit_fast/trace.py) on tiny float32 models of every family, CPU.
 
 The fast trace (restorations batched through the family layout, rows entering at the first
-block they change) against the original structure (one restoration per HF forward, patched by
-hooks on the HF modules) and against the generic layout (HF's forward with hooks); restoring
+block and token they change, over the corrupted run's cached keys and values) against the
+original structure (one restoration per HF forward, patched by hooks on the HF modules), against
+whole rows from the embeddings through the same layout, and against the generic layout (HF's
+forward with hooks); the short rows over a prefix give the clean and the corrupted runs; restoring
 every block output gives the clean probability and restoring nothing the corrupted one; the
 sub-block patches are exact (all attention and MLP outputs restored leaves the clean run plus
 the noise); bad facts are skipped with a reason; the suggestion is the band of largest effect and
@@ -17,17 +19,17 @@ import json
 import pytest
 import torch
 
-from memit_fast import cli
+from memit_fast import cli, trace
 from memit_fast.hparams import MEMITHyperParams
 from memit_fast.layouts import layout_for
 from memit_fast.trace import KINDS, Fact, FactTrace, TraceResult, causal_trace, suggest_layers, suggested_hparams
 
 import tiny
 
+# the HF forward (the reference's hooks, the generic layout), the family layout's whole rows and
+# its short rows over a cached prefix are float32 implementations of the same sums: their
+# probabilities differ by rounding (measured up to 9e-7)
 ATOL = 1e-6
-# the HF forward (the reference's hooks, the generic layout) and the family layout are two float32
-# implementations of the same sums: their probabilities differ by rounding (measured up to 1.5e-6)
-ATOL_HF = 1e-5
 FACTS = [
     {"prompt": "Michael Jordan plays the sport of", "subject": "Michael Jordan"},
     {"prompt": "The capital of France is", "subject": "France"},
@@ -70,11 +72,45 @@ def test_batched_equals_one_restoration_per_forward(arch):
     for kind in KINDS:
         assert (_scores(fast, kind) - _scores(one_at_a_time, kind)).abs().max() < ATOL, kind
         for other in (ref, generic):
-            assert (_scores(fast, kind) - _scores(other, kind)).abs().max() < ATOL_HF, kind
+            assert (_scores(fast, kind) - _scores(other, kind)).abs().max() < ATOL, kind
     for a, b in zip(fast.traces, ref.traces):
-        assert abs(a.p_clean - b.p_clean) < ATOL_HF and abs(a.p_corrupted - b.p_corrupted) < ATOL_HF
+        assert abs(a.p_clean - b.p_clean) < ATOL and abs(a.p_corrupted - b.p_corrupted) < ATOL
     # the noise matters: the corrupted probability moves away from the clean one
     assert max(abs(t.p_clean - t.p_corrupted) for t in fast.traces) > 0.05
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_short_rows_equal_whole_rows(arch, monkeypatch):
+    fast = _trace(arch)
+    monkeypatch.setattr(trace, "Layout", type("NotAFamily", (), {}))  # every layout takes the whole-rows path
+    whole = causal_trace(_model(arch), tiny.tokenizer(), FACTS, **SETTINGS)
+    for kind in KINDS:
+        assert (_scores(fast, kind) - _scores(whole, kind)).abs().max() < ATOL, kind
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_rows_from_a_token_and_block_over_a_cached_prefix(arch):
+    """Rows holding tokens t.. entering block e, over a run's keys and values of tokens < t, give
+    that run's logits: the clean run from its states, the corrupted run (restoring nothing) from its own."""
+    model, tok = _model(arch), tiny.tokenizer()
+    layout = layout_for(model, tiny.hparams(model))
+    ids = torch.tensor([tok(FACTS[2]["prompt"])["input_ids"]] * 2)
+    (B, S), L = ids.shape, layout.n_layers
+    last = torch.full((B,), S - 1)
+    noise = torch.randn(B, S, model.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(S).expand(B, S)
+    for run_noise in (None, noise):
+        logits, rec = layout.patched_forward(ids, last, noise=run_noise, record=True)
+        embedded = layout.start(ids)[0] + (0 if run_noise is None else run_noise)
+        states = [embedded, *rec["hidden"]]
+        kv = {j: layout.input_kv(j, states[j], positions) for j in range(L)}
+        for e in (0, 2, L):
+            for t in (0, 3, S - 1):
+                past = {j: (k[:, :, :t], v[:, :, :t]) for j, (k, v) in kv.items()} if t else None
+                mask = torch.ones(B, t, dtype=torch.bool) if t else None
+                got = layout.suffix_patched_forward(states[e][:, t:], e, positions[:, t:], last - t, past=past, prefix_mask=mask)
+                assert torch.allclose(got.softmax(-1), logits.softmax(-1), atol=ATOL), (e, t)
+    assert not torch.allclose(got.softmax(-1), layout.patched_forward(ids, last).softmax(-1), atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)

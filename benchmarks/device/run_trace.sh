@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root:  bash benchmarks/device/run_trace.sh   (about 200 s)
+# On the GPU machine, from the repository root:  bash benchmarks/device/run_trace.sh   (about 300 s)
 # Causal tracing (issue 13, docs/tracing.md):
 #  1. `memit-fast trace` over all 1,209 known facts on the default model (bfloat16, 10 noise
-#     samples, the facts whose attribute the model predicts): average heatmaps + suggested layers;
-#  2. speed at GPT-J shapes (random weights): 100 known facts traced in the fast mode as facts/s,
-#     beside the original structure (one restoration per forward) timed on 60 restorations and
-#     extrapolated per fact;
+#     samples, the facts whose attribute the model predicts, about 280 in float32 on the CPU):
+#     average heatmaps + suggested layers (stopped after 75 s of tracing if not done);
+#  2. speed at GPT-J shapes (random weights): 100 known facts traced in the fast mode as facts/s
+#     (blocks of 16 facts, none started after 95 s), beside the original structure (one
+#     restoration per forward) timed on 60 restorations in the same run and extrapolated per fact;
 #  3. CounterFact-250 edited all at once with the suggested layers and with the preset's
 #     (float32, WikiText-2 statistics from 2,000 lines, no fluency).
 # Needs .device/tokenizer, .device/data/{known_1000,counterfact_250}.json,
@@ -17,7 +18,7 @@
 set -u
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
-BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-200}
+BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-320}
 DATA=${MEMIT_FAST_TRACE_DATA:-.device/data}
 TINY=${MEMIT_FAST_TRACE_TINY:-}
 mkdir -p "$OUT"
@@ -34,8 +35,9 @@ STAGE_MIN=15 STAGE_KILL=10
 } >>"$LOG" 2>&1
 TR=$OUT/trace_known
 # the full run; MEMIT_FAST_TRACE_TINY=1 runs the same stages on a tiny random Llama on the CPU
-M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 35); EVAL=(--batch-size 256 --n-samples 2000)
-SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 30 --reference-forwards 60); T_TRACE=50; T_EVAL=35; T_SPEED=60
+# (stage limits: the tracing time plus room for loading, CUDA start-up and the figures)
+M=(); DEV=(--device cuda); TRACE=(--dtype bfloat16 --max-seconds 75); EVAL=(--batch-size 256 --n-samples 2000)
+SPEED=(--facts 100 --tokenizer .device/tokenizer --max-seconds 95 --reference-forwards 60); T_TRACE=110; T_EVAL=35; T_SPEED=135
 if [[ -n "$TINY" ]]; then
   "$PY" - /tmp/trace_tiny_model <<'EOF' >>"$LOG" 2>&1
 import sys, torch

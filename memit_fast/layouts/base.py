@@ -336,12 +336,12 @@ class Layout(HeadAccess):
         return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
 
     # ---- causal tracing (memit_fast/trace.py, docs/tracing.md) ----
-    def block_parts(self, i: int, h: torch.Tensor, ctx: Context, attn_patch=None, mlp_patch=None):
+    def block_parts(self, i: int, h: torch.Tensor, ctx: Context, attn_patch=None, mlp_patch=None, past=None):
         """Block i on h (B, S, d) -> (output, attention output, MLP output), each (B, S, d). A patch
         (rows (n,), tokens (n,), values (n, d)) replaces that sub-block's output at those (row,
-        token) before it joins the residual stream."""
+        token) before it joins the residual stream. past: a cached prefix's (k, v), as `attention`'s."""
         h, ctx = self.on_block_device(i, h, ctx)
-        a = patch_rows(self.attention(i, self.norm_attn(i, h), ctx)[0], attn_patch)
+        a = patch_rows(self.attention(i, self.norm_attn(i, h), ctx, past)[0], attn_patch)
         if self.parallel:
             m = patch_rows(self.mlp_out(i, self.mlp_key(i, self.norm_mlp(i, h))), mlp_patch)
             return self.combine_parallel(h, a, m), a, m
@@ -376,6 +376,30 @@ class Layout(HeadAccess):
                     kept[name].append(t)
         logits = self.finish(h[torch.arange(len(h), device=h.device), last])
         return (logits, {k: torch.stack(v) for k, v in kept.items()}) if record else logits
+
+    @torch.no_grad()
+    def input_kv(self, i: int, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's keys and values (B, H_kv, S, h_d), rotary applied, over its input h (B, S, d)
+        at `positions` (B, S): a run's cache, rebuilt from the block inputs it recorded."""
+        device = self.w_out(i).weight.device
+        x = self.norm_attn(i, h.to(device))
+        return self.qkv(i, x, self.rope(x, positions.to(device)))[1:]
+
+    @torch.no_grad()
+    def suffix_patched_forward(self, h: torch.Tensor, first: int, positions: torch.Tensor, last: torch.Tensor, *,
+                               past=None, prefix_mask=None, patches=None) -> torch.Tensor:
+        """`patched_forward` of rows that hold only their tokens from some position on and enter
+        at block `first`: h (B, S, d) the block input there, at absolute `positions` (B, S), after
+        a prefix whose cached keys and values are past {block: (k, v) (B, H_kv, P, h_d)} with
+        prefix_mask (B, P) (1 = real token; None: no prefix). Patches' tokens index h's columns.
+        Logits (B, V) at column last[b]; only those columns reach the final norm and head."""
+        patches = patches or {}
+        ctx = self.context(h, positions, prefix_mask)
+        for i in range(first, self.n_layers):
+            p = patches.get(i, {})
+            h = self.block_parts(i, h, ctx, p.get("attn"), p.get("mlp"), None if past is None else past[i])[0]
+            h = patch_rows(h, p.get("hidden"))
+        return self.finish(h[torch.arange(len(h), device=h.device), last.to(h.device)])
 
 
 class SuffixRunner:
