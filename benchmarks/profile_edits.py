@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import math
 import signal
 import sys
@@ -637,6 +638,9 @@ def torch_profile(model, tok, hp, records, stats, args) -> None:
 
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    # the z chunk plan (chunks, budget, measured peak, measured/estimated) in the run's log
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("memit_fast.targets").setLevel(logging.INFO)
     return run(parser.parse_args(argv))
 
 

@@ -246,21 +246,23 @@ class ChunkPlanner:
 
     @classmethod
     def for_model(cls, model, layout, hparams: MEMITHyperParams, memory_cap: float | None) -> "ChunkPlanner | None":
-        """None off the GPU. The budget: 30% of the free memory and Z_MEMORY_CAP at most; under a
-        memory cap, also the cap less what is allocated now and CAP_MARGIN."""
+        """None off the GPU. The budget: 30% of the free memory (of the fullest GPU of a split model)
+        and Z_MEMORY_CAP at most; under a memory cap, also the cap less what is allocated now and
+        CAP_MARGIN."""
         device = model_device(model)
         if device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(device)
+        devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str) or [device]
+        free = min(torch.cuda.mem_get_info(d)[0] for d in devices)  # a split model: its fullest GPU
         budget = min(0.3 * free, Z_MEMORY_CAP)
         if memory_cap is not None:
-            room = memory_cap - torch.cuda.memory_allocated(device) - CAP_MARGIN
+            allocated = max(torch.cuda.memory_allocated(d) for d in devices)  # a split model: the cap is per GPU
+            room = memory_cap - allocated - CAP_MARGIN
             if room <= 0:
-                raise ConfigError(f"memory cap {memory_cap / 2**30:.1f} GiB: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
-                                  "are allocated before z (model, statistics) and nothing is left for it")
+                raise ConfigError(f"memory cap {memory_cap / 2**30:.1f} GiB: {allocated / 2**30:.1f} GiB are allocated before z "
+                                  "(model, statistics) and nothing is left for it")
             budget = min(budget, room)
         per_suffix, per_prefix = _bytes_per_token(model, layout, hparams)
-        devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str) or [device]
         return cls(budget, per_suffix, per_prefix, devices)
 
     def next_chunk(self, suffix: list[int], prefix: list[int], shared: bool) -> tuple[int, float]:

@@ -221,6 +221,9 @@ def causal_trace(model, tok, facts, hparams=None, *, samples: int = 10, noise: f
         raise ConfigError(f"need samples >= 1 (got {samples}), window >= 1 (got {window}), noise >= 0 (got {noise}) and noise_std > 0 (got {noise_std})")
     if not kinds or set(kinds) - set(KINDS):
         raise ConfigError(f"kinds must be some of {KINDS}, got {kinds}")
+    if len({p.device for p in model.parameters()}) > 1:
+        raise ConfigError("tracing a model split over several devices is not supported (its restored rows would meet "
+                          "hidden states on another GPU); trace it on one device")
     facts = read_facts(facts) if facts and isinstance(facts[0], dict) else list(facts)
     hparams = hparams or for_model(model)
     layout = layout_for(model, hparams, generic=generic)

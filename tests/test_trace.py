@@ -19,6 +19,7 @@ import json
 import pytest
 import torch
 
+import memit_fast
 from memit_fast import cli, trace
 from memit_fast.hparams import MEMITHyperParams
 from memit_fast.layouts import layout_for
@@ -158,6 +159,14 @@ def test_bad_facts_are_skipped_and_reported():
     assert sorted(reasons) == [1, 2, 3]
     assert "not in the prompt" in reasons[1] and "the model predicts" in reasons[2] and "no answer" in reasons[3]
     assert abs(result.traces[0].p_clean - good.p_clean) < ATOL
+
+
+def test_a_model_split_over_devices_is_refused():
+    """Tracing runs on one device; a model whose blocks sit on several is refused before any work."""
+    model = tiny.model("llama")
+    model.model.layers[-1].to("meta")
+    with pytest.raises(memit_fast.ConfigError, match="split over several devices"):
+        causal_trace(model, tiny.tokenizer(), [Fact("The capital of France is", "France", " Paris")], progress=False)
 
 
 def _synthetic(effect_by_layer: list[float]) -> TraceResult:
