@@ -281,7 +281,7 @@ def test_build_on_devices_makes_every_weight_where_the_map_says(arch):
     other, _ = synthetic.build_on_devices(config, device_map, dtype=torch.bfloat16, seed=4)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
     assert not torch.equal(embed, other.get_input_embeddings().weight)
-    assert torch.isfinite(m(torch.randint(1, 500, (2, 7))).logits).all()
+    assert torch.isfinite(m(torch.randint(1, m.config.vocab_size, (2, 7))).logits).all()
 
 
 def _load_benchmark_module(name: str):
@@ -329,7 +329,7 @@ def test_a_model_split_over_two_gpus_edits_as_on_one(arch, split):
     assert {p.device.index for p in m.parameters()} == {0, 1}
     if split == "alternating":
         assert [m.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device.index for layer in hp.layers] == [0, 1]
-    ids = torch.randint(1, 500, (3, 9), device="cuda:0")
+    ids = torch.randint(1, m.config.vocab_size, (3, 9), device="cuda:0")
     torch.testing.assert_close(m(ids).logits.to("cuda:0"), one(ids).logits, rtol=1e-9, atol=1e-9)
     stats_one, stats_split = tiny.stats(one, hp), tiny.stats(m, hp)
     for layer in hp.layers:
@@ -366,7 +366,7 @@ def test_build_on_devices_over_two_gpus(arch):
     for name, p in m.named_parameters():
         assert p.device == synthetic._device_of(name, device_map), name
     assert {t.device.type for t in m.buffers()} <= {"cuda"}
-    assert torch.isfinite(m(torch.randint(1, 500, (2, 7), device="cuda:0")).logits.float()).all()
+    assert torch.isfinite(m(torch.randint(1, m.config.vocab_size, (2, 7), device="cuda:0")).logits.float()).all()
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -386,7 +386,7 @@ def test_every_block_goes_through_its_device_move(arch, monkeypatch):
         return real(self, i, h, ctx)
 
     monkeypatch.setattr(Layout, "on_block_device", spy)
-    ids = torch.randint(1, 500, (2, 7))
+    ids = torch.randint(1, m.config.vocab_size, (2, 7))
     h, ctx = layout.start(ids)
     layout.run(h, 0, 6, ctx)
     assert seen == list(range(6))

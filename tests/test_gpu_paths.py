@@ -35,7 +35,10 @@ def test_fast_equals_reference_on_cuda(arch):
     memit_fast.apply(m, tiny.tokenizer(), tiny.REQUESTS, hp, mode="reference", **kw)
     for n in orig:
         d_fast, d_ref = fast[n] - before[n], dict(m.named_parameters())[n] - before[n]
-        assert (d_fast - d_ref).norm() / d_ref.norm() < 1e-8, n
+        # 1e-7 as on the CPU (tests/test_apply.py): the KL and NLL gradients meet at the bare row in
+        # the fast path and at delta in the reference, and tiny llama's z backward amplifies the
+        # different rounding to ~2e-8 (2.1e-8 measured on an H200)
+        assert (d_fast - d_ref).norm() / d_ref.norm() < 1e-7, n
 
 
 def test_bf16_model_edits_close_to_float32():
@@ -86,7 +89,8 @@ def test_chunk_planner_keeps_measured_chunks_within_its_budget():
     the planner's budget (10% allowed for shapes the first chunk did not have), and the chunks are
     not tiny: the largest uses at least half of the budget (the budget made small to force many)."""
     from memit_fast import targets
-    from memit_fast.tokens import encode_requests, flatten
+    from memit_fast.templates import flatten
+    from memit_fast.tokens import encode_requests
 
     m = tiny.model("llama", dtype=torch.float32).to("cuda")
     hp = tiny.hparams(m, v_num_grad_steps=3)
