@@ -9,8 +9,6 @@ the tile configs.
 """
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ if not CUDA:
 import triton  # noqa: E402
 
 from memit_fast import ops, solve  # noqa: E402
+from results_store import git_commit  # noqa: E402
 from memit_fast.kernels import capture, covariance  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -33,11 +32,7 @@ PROVIDERS = ["reference", "memit_fast"]
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or os.environ.get("MEMIT_FAST_COMMIT", "unknown")
-    except OSError:
-        return "unknown"
+    return git_commit()
 
 
 INFO = {

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -349,13 +348,9 @@ def solve_section(ceil: dict, tiny: bool) -> None:
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit or os.environ.get("MEMIT_FAST_COMMIT", "unknown"),
+        "commit": results_store.git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -118,7 +118,7 @@ def profile_tables(recs: list[dict]) -> list[str]:
                 z = _phase(sel, "z", "tflops", "measured")
                 out.append(f"| {'fast' if provider == 'memit_fast' else 'reference'} | {n:,} | " + " | ".join(cells) + f" | {_n(z and z['value'])} |")
             out.append("")
-    ratios = sorted({r["n_edits"] for r in recs if r["kind"] == "profile_ratio"})
+    ratios = sorted({r["n_edits"] for r in recs if r["kind"] == "profile_ratio" and r["name"] == "reference / fast"})
     if ratios:
         out += ["| edits | fast | reference | reference / fast | z: reference / fast |", "|---:|---:|---:|---:|---:|"]
         for n in ratios:
@@ -128,7 +128,7 @@ def profile_tables(recs: list[dict]) -> list[str]:
                        f"{total['value']}x | {z['value'] if z else '-'}x |")
         out.append("")
     # the statistics passes of profile_edits (distributed_bench's stats records have their own shape)
-    stats = [r for r in recs if r["kind"] == "stats" and "layers" in (r.get("params") or {})]
+    stats = [r for r in recs if r["kind"] == "stats" and "doc_length" in (r.get("params") or {})]
     passes = list(dict.fromkeys(r["name"] for r in stats))
     if passes:
         p0 = stats[0]
@@ -286,6 +286,13 @@ def plot(records: list[dict], path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _default_conditions(r: dict) -> bool:
+    """A profile run at the preset's z steps, without a memory cap or an asked chunk size: the runs
+    that compare across commits."""
+    command = r.get("command") or ""
+    return not any(flag in command for flag in ("--steps", "--memory-cap-gib", "--chunk-tokens"))
+
+
 def plot_over_commits(records: list[dict], path) -> None:
     """Before/after: per model, the measured fast runs' total time (solid) and z (dashed) against
     the number of edits, one colour per commit in date order."""
@@ -296,7 +303,8 @@ def plot_over_commits(records: list[dict], path) -> None:
 
     runs: dict[str, dict[str, list]] = {}
     for r in records:
-        if r["kind"] == "profile_run" and r["name"] == "apply" and r["metric"] == "time" and r.get("provider") == "memit_fast" and not r["extrapolated"]:
+        if (r["kind"] == "profile_run" and r["name"] == "apply" and r["metric"] == "time" and r.get("provider") == "memit_fast"
+                and not r["extrapolated"] and _default_conditions(r)):
             runs.setdefault(r.get("model") or "?", {}).setdefault(r["commit"][:7], []).append(r)
     if not runs:
         raise SystemExit("no profile runs to plot")

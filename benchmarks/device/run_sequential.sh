@@ -89,15 +89,17 @@ fi
 # the limit keeps the batches done. 12 s are kept for the joined report, curves and archive.
 left=$((BUDGET - SECONDS - 12))
 threads=$([[ -n $TINY ]] && echo 1 || echo 3)
+jobs_run=()
 for set in cf:counterfact_250.json zsre:zsre_eval_300.json; do
   for method in alphaedit memit; do
     ( LOG=$D/run_${set%%:*}_$method.log STATUS=()
       OMP_NUM_THREADS=$threads stage "seq_${set%%:*}_$method" "$left" "$PY" -m memit_fast.eval --sequential --method "$method" --quiet --no-plot \
         --corpus $data/wikitext-2-raw-wiki.test.raw "${DEV[@]}" --data "$data/${set#*:}" --out "$D/eval_${set%%:*}_$method"
       printf '%s\n' "${STATUS[@]}" >"$D/status_${set%%:*}_$method" ) &
+    jobs_run+=($!)
   done
 done
-wait
+wait "${jobs_run[@]}"  # these four only: a bare wait would also wait for the nvidia-smi sampler, which never ends
 for f in "$D"/run_*.log; do { echo "##### $(basename "$f")"; cat "$f"; } >>"$LOG"; rm -f "$f"; done
 for f in "$D"/status_*; do STATUS+=("$(cat "$f")"); rm -f "$f"; done
 results=("$D"/eval_*/results.json)

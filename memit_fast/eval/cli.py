@@ -82,7 +82,12 @@ def check_records(path: str, kind: str) -> tuple[list[dict], str]:
 
 
 def _commit() -> str | None:
-    """Short commit of this checkout, with "-dirty" when the package's tracked files have changes."""
+    """MEMIT_FAST_COMMIT when set, else the short commit of this checkout, with "-dirty" when the
+    package's tracked files have changes."""
+    from ..config import env_setting
+
+    if env_setting("MEMIT_FAST_COMMIT"):
+        return env_setting("MEMIT_FAST_COMMIT")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # memit_fast/
     try:
         def git(*a):
