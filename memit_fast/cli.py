@@ -67,6 +67,17 @@ class _Parser(argparse.ArgumentParser):
 # --- argument types --------------------------------------------------------------------------
 
 
+def positive_gib(text: str) -> float:
+    """argparse type: a finite number of GiB > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -529,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", choices=["edits", "peft", "model"], default="edits",
                    help="edits: the edit as exact low-rank factors with its base model, hparams and requests (load_edits reads it); "
                         "peft: a PEFT LoRA adapter of the same factors; model: the whole edited model")
-    p.add_argument("--memory-cap-gib", type=float, metavar="GIB", help="GPU memory the edit may hold allocated in all, the model "
+    p.add_argument("--memory-cap-gib", type=positive_gib, metavar="GIB", help="GPU memory the edit may hold allocated in all, the model "
                    "included: z runs in smaller chunks, statistics and the key pass's hidden states wait on the CPU (default: no cap)")
     p.add_argument("--mode", choices=["fast", "reference"], default="fast",
                    help="fast: batched; reference: the original's structure, one request at a time (slow)")

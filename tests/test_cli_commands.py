@@ -81,6 +81,14 @@ def test_edit_writes_its_directory_once_and_refuses_to_overwrite(setup, tmp_path
     assert _leftovers(tmp_path) == []
 
 
+def test_edit_passes_the_memory_cap_to_apply(setup, tmp_path, capsys):
+    """--memory-cap-gib reaches apply: on the CPU it says that it changes nothing (and edits)."""
+    out = tmp_path / "edit"
+    assert cli.main(["edit", "--requests", str(setup / "reqs.json"), "--out", str(out), "--limit", "1", "--memory-cap-gib", "4", *_common(setup)]) == 0
+    assert "changes nothing" in capsys.readouterr().err
+    assert (out / "edits.json").exists()
+
+
 def test_quiet_silences_transformers_and_the_log(setup, tmp_path, capsys):
     out = tmp_path / "edit"
     assert cli.main(["edit", "--requests", str(setup / "reqs.json"), "--out", str(out), "--quiet", *_common(setup)]) == 0
