@@ -6,8 +6,9 @@ one loader (`ModelSpec`). Inputs and outputs are checked before any model work. 
 `memit-fast: error: ...` and exits with code 2 (`--debug` adds the traceback); a traceback
 without --debug is a bug. Progress goes to stderr through the logger "memit_fast".
 
-Several processes: `torchrun --nproc-per-node N -m memit_fast edit|stats ...` runs data parallel
-(memit_fast.distributed; one GPU per rank); rank 0 alone prints the results and writes --out.
+Several processes: `torchrun --nproc-per-node N -m memit_fast edit|stats|eval ...` runs data
+parallel (memit_fast.distributed; one GPU per rank); rank 0 alone prints the results and writes
+--out. eval: the edit is data parallel; every rank evaluates all records on its identical weights.
 
 Benchmarks run from a checkout: `python -m benchmarks.profile_edits` (see benchmarks/README.md).
 """
@@ -615,8 +616,10 @@ def main(argv=None) -> int:
         return 2
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
     rank = int(os.environ.get("RANK", "0"))
-    if launched and args.command not in ("edit", "stats"):
-        return _error(UsageError(f"{args.command} runs in one process; under torchrun only edit and stats run (data parallel)"), args.debug)
+    if launched and args.command not in ("edit", "stats", "eval"):
+        return _error(UsageError(f"{args.command} runs in one process; under torchrun only edit, stats and eval run (data parallel)"), args.debug)
+    if launched and args.command == "eval" and args.sequential:
+        return _error(UsageError("eval --sequential runs in one process (an Editor session is not data parallel); run it without torchrun"), args.debug)
     if launched and rank > 0:
         args.quiet = True  # the progress of rank 0 is enough
     _setup_logging(getattr(args, "quiet", False))

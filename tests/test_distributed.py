@@ -96,6 +96,10 @@ def _worker(rank: int, rdzv: str, out: str, given: dict) -> None:
         with contextlib.redirect_stdout(printed):
             found["cli_rc"] = cli.main(["edit", *_cli_args(out), "--out", os.path.join(out, "cli_two"), "--cache-dir", os.path.join(out, "cli_cache2")])
         found["cli_stdout"] = printed.getvalue()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            found["eval_rc"] = cli.main(["eval", *_eval_args(out), "--out", os.path.join(out, "eval_two"), "--cache-dir", os.path.join(out, "cli_cache2")])
+        found["eval_stdout"] = printed.getvalue()
     finally:
         torch.save(found, os.path.join(out, f"{rank}.pt"))
         torch.distributed.destroy_process_group()
@@ -104,6 +108,19 @@ def _worker(rank: int, rdzv: str, out: str, given: dict) -> None:
 def _cli_args(d) -> list[str]:
     return ["--model", os.path.join(d, "model"), "--hparams", os.path.join(d, "hp.json"), "--corpus", os.path.join(d, "corpus.txt"),
             "--device", "cpu", "--requests", os.path.join(d, "reqs.json"), "--quiet"]  # fmt: skip
+
+
+def _eval_args(d) -> list[str]:
+    return ["--model", os.path.join(d, "model"), "--hparams", os.path.join(d, "hp.json"), "--corpus", os.path.join(d, "corpus.txt"),
+            "--device", "cpu", "--data", os.path.join(d, "zsre.json"), "--quiet"]  # fmt: skip
+
+
+ZSRE = [  # two zsRE records in the original format (the tiny model knows none of them)
+    {"subject": "Tokyo Tower", "src": "When was Tokyo Tower built?", "pred": "1958", "rephrase": "In which year was Tokyo Tower finished?",
+     "alt": "1972", "answers": ["1958"], "loc": "nq question: who wrote the river song", "loc_ans": "the river band"},
+    {"subject": "Danube", "src": "Which sea does the Danube flow into?", "pred": "Black Sea", "rephrase": "The Danube ends in which sea?",
+     "alt": "North Sea", "answers": ["Black Sea"], "loc": "nq question: how many legs does a spider have", "loc_ans": "eight"},
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +135,7 @@ def ranks(tmp_path_factory):
     (tmp / "hp.json").write_text(json.dumps(tiny.hparams(m, mom2_n_samples=N_LINES).to_dict()))
     (tmp / "corpus.txt").write_text("\n".join(tiny.corpus_lines(N_LINES)))
     (tmp / "reqs.json").write_text(json.dumps(_requests()))
+    (tmp / "zsre.json").write_text(json.dumps(ZSRE))
     given = {}
     for arch in tiny.ARCHS:
         m = tiny.model(arch)
@@ -222,6 +240,32 @@ def test_the_command_line_on_two_ranks_equals_one_process(ranks):
     assert one.keys() == two.keys() and len(one) == 2
     for name, d in one.items():
         assert (two[name] - d).norm() / d.norm() < 1e-4, name
+
+
+def test_eval_on_two_ranks_equals_one_process(ranks):
+    """`memit-fast eval` under torchrun: the edit is data parallel, every rank evaluates, rank 0
+    alone prints and writes the report; the metrics equal one process's (the edits differ by the
+    float32 rounding of the statistics' partial sums, far below a token's argmax)."""
+    import json
+
+    from memit_fast import cli
+
+    found, _, tmp = ranks
+    assert [f["eval_rc"] for f in found] == [0, 0]
+    assert "| metric | unedited | edited |" in found[0]["eval_stdout"] and found[1]["eval_stdout"] == ""
+    assert cli.main(["eval", *_eval_args(str(tmp)), "--out", str(tmp / "eval_one"), "--cache-dir", str(tmp / "cli_cache1")]) == 0
+    one, two = (json.loads((tmp / d / "results.json").read_text()) for d in ("eval_one", "eval_two"))
+    for phase in ("before", "after"):
+        for metric, v in one[phase]["metrics"].items():
+            assert abs(two[phase]["metrics"][metric]["mean"] - v["mean"]) < 1e-6, (phase, metric)
+
+
+def test_eval_sequential_under_torchrun_is_refused(monkeypatch, capsys):
+    from memit_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["eval", "--data", "x.json", "--sequential"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
 
 
 def test_balanced_device_map_keeps_order_and_the_ends_on_the_first_gpu():

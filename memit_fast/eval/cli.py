@@ -188,7 +188,12 @@ def _run_sequential(args, records, kind, model, tok, hparams, plot: bool) -> int
 
 
 def _report(out: str | None, result: dict, text: str, also=None) -> None:
-    """Print the report; with --out, write results.json and report.md there (and also(folder))."""
+    """Print the report; with --out, write results.json and report.md there (and also(folder)).
+    Several ranks (torchrun): rank 0 alone."""
+    from ..distributed import rank
+
+    if rank() != 0:
+        return
     print(text)
     if out:
         with output_dir(out) as tmp:
