@@ -203,19 +203,15 @@ def _compute_z(model, tok, encoded, hparams, cfg: EditConfig, layout) -> torch.T
     the requests (balanced by their prompt tokens) and the rows are gathered in order."""
     mine, parts = distributed.my_share([z_tokens(r) for r in encoded])
     if parts is None:
-        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, memory_cap=_cap_bytes(cfg), progress=cfg.progress, layout=layout)
+        return compute_targets(model, tok, encoded, hparams, chunk_tokens=cfg.chunk_tokens, memory_cap_gib=cfg.memory_cap_gib, progress=cfg.progress, layout=layout)
 
     def local() -> torch.Tensor:
         if not mine:
             return torch.empty(0, hidden_size(model), dtype=float_dtype(model), device=model_device(model))
-        return compute_targets(model, tok, [encoded[i] for i in mine], hparams, chunk_tokens=cfg.chunk_tokens, memory_cap=_cap_bytes(cfg),
+        return compute_targets(model, tok, [encoded[i] for i in mine], hparams, chunk_tokens=cfg.chunk_tokens, memory_cap_gib=cfg.memory_cap_gib,
                                progress=cfg.progress, layout=layout)
 
     return distributed.gather_rows(distributed.agreed("z", local), parts)
-
-
-def _cap_bytes(cfg: EditConfig) -> float | None:
-    return None if cfg.memory_cap_gib is None else cfg.memory_cap_gib * 2**30
 
 
 def z_tokens(r) -> int:

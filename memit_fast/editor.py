@@ -126,11 +126,11 @@ class Editor:
             batch = Batch([{"prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target}} for r in reqs], {})
             try:
                 with timer("z"):
-                    cap = None if cfg.memory_cap_gib is None else cfg.memory_cap_gib * 2**30
-                    z = compute_targets(model, self.tok, encoded, hp, chunk_tokens=cfg.chunk_tokens, memory_cap=cap, progress=cfg.progress, layout=self.layout)
+                    z = compute_targets(model, self.tok, encoded, hp, chunk_tokens=cfg.chunk_tokens, memory_cap_gib=cfg.memory_cap_gib,
+                                        progress=cfg.progress, layout=self.layout)
                 apply_update(
                     model, self.tok, encoded, hp, z, self.templates, self._covs or {}, self.weights, self.layout,
-                    solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, offload=cap is not None, progress=cfg.progress,
+                    solve_method=cfg.solve_method, batch_tokens=cfg.keys_batch_tokens, offload=cfg.memory_cap_gib is not None, progress=cfg.progress,
                     timer=timer, layer_solve=lambda w, keys, resid: self._solve(w, keys, resid, batch),
                 )  # fmt: skip
                 keys = batch.keys  # on the device, for the accumulators

@@ -157,7 +157,7 @@ def compute_targets(
     hparams: MEMITHyperParams,
     *,
     chunk_tokens: int | None = None,
-    memory_cap: float | None = None,
+    memory_cap_gib: float | None = None,
     progress: bool = True,
     layout=None,
     cuda_graphs: bool = False,
@@ -166,7 +166,7 @@ def compute_targets(
     """z (n, d_model) float32 (float64 for a float64 model) at layer L = max(hparams.layers), one
     row per request (encoded with `tokens.encode_requests`). layout: the model's
     `memit_fast.layouts` layout (resolved here when not given). chunk_tokens: padded suffix tokens
-    per chunk; None on a GPU: chunks sized by memory (`ChunkPlanner`), within `memory_cap` bytes of
+    per chunk; None on a GPU: chunks sized by memory (`ChunkPlanner`), within `memory_cap_gib` GiB of
     allocated GPU memory in all when given. cuda_graphs: replay each chunk's blocks
     L+1..v_loss_layer (forward and backward) from a CUDA graph while its batch keeps its rows. Off
     by default: on an H200, GPT-J chunks of 4,488 suffix tokens ran at 135 TFLOP/s with graphs
@@ -176,7 +176,7 @@ def compute_targets(
     layout = layout or layout_for(model, hparams)
     rows = [build_rows(r) for r in requests]
     padded = [(len(r.ids) - r.kl_in_bare) * max(len(ids) - s for ids, s in zip(r.ids, r.lookup)) for r in rows]
-    planner = None if chunk_tokens else ChunkPlanner.for_model(model, layout, hparams, memory_cap)
+    planner = None if chunk_tokens else ChunkPlanner.for_model(model, layout, hparams, memory_cap_gib)
     z = torch.empty(len(rows), hidden_size(model), dtype=float_dtype(model), device=model_device(model))
     bar = tqdm(total=len(rows), desc="target vectors z", unit="req", disable=not progress)
     n_chunks = 0
@@ -245,7 +245,7 @@ class ChunkPlanner:
         self.peak = 0
 
     @classmethod
-    def for_model(cls, model, layout, hparams: MEMITHyperParams, memory_cap: float | None) -> "ChunkPlanner | None":
+    def for_model(cls, model, layout, hparams: MEMITHyperParams, memory_cap_gib: float | None) -> "ChunkPlanner | None":
         """None off the GPU. The budget: 30% of the free memory (of the fullest GPU of a split model)
         and Z_MEMORY_CAP at most; under a memory cap, also the cap less what is allocated now and
         CAP_MARGIN."""
@@ -255,11 +255,11 @@ class ChunkPlanner:
         devices = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str) or [device]
         free = min(torch.cuda.mem_get_info(d)[0] for d in devices)  # a split model: its fullest GPU
         budget = min(0.3 * free, Z_MEMORY_CAP)
-        if memory_cap is not None:
+        if memory_cap_gib is not None:
             allocated = max(torch.cuda.memory_allocated(d) for d in devices)  # a split model: the cap is per GPU
-            room = memory_cap - allocated - CAP_MARGIN
+            room = memory_cap_gib * 2**30 - allocated - CAP_MARGIN
             if room <= 0:
-                raise ConfigError(f"memory cap {memory_cap / 2**30:.1f} GiB: {allocated / 2**30:.1f} GiB are allocated before z "
+                raise ConfigError(f"memory cap {memory_cap_gib:.1f} GiB: {allocated / 2**30:.1f} GiB are allocated before z "
                                   "(model, statistics) and nothing is left for it")
             budget = min(budget, room)
         per_suffix, per_prefix = _bytes_per_token(model, layout, hparams)
@@ -271,7 +271,7 @@ class ChunkPlanner:
         scale = self.scale or 1.0
         per_prefix = self.per_prefix[shared]
         n, widest, estimate = 0, 0, 0.0
-        for s, p in zip(suffix, prefix):
+        for p in prefix:
             w = max(widest, p)
             bytes_ = (n + 1) * (suffix[0] * self.per_suffix + w * per_prefix)
             if n and bytes_ * scale > self.budget:
