@@ -91,6 +91,7 @@ def profile_tables(recs: list[dict]) -> list[str]:
         hp = first.get("hparams", {})
         out += [f"Layers {hp.get('layers')}, {hp.get('v_num_grad_steps')} z steps, lambda {hp.get('mom2_update_weight')}; "
                 f"{first.get('weights', '')}; statistics: {first.get('statistics', '')}; z chunk: {first.get('chunk_tokens')}; "
+                f"z attention: {first.get('z_attention', 'eager')}; "
                 f"request lengths {first.get('request_lengths', {})}.", ""]
         out.append("| mode | edits | " + " | ".join(PHASES) + " | total | edits/s | peak GiB |")
         out.append("|---|---:|" + "---:|" * (len(PHASES) + 3))

@@ -64,6 +64,7 @@ class Context:
     the rows alone (exact at every real token of right-padded rows), else (B, 1, S, P + S) bool,
     True where a query may attend (the real prefix tokens, then the causal part of the rows).
     rope: the family's rotary tables for these positions (None for learned positions).
+    fused: attention over a cached prefix runs `fused.fused_attention` (z's steps on a GPU).
     windowed: for each sliding window w of the model that these rows exceed, `mask` (or the causal
     mask) narrowed to the keys less than w positions before the query."""
 
@@ -71,6 +72,7 @@ class Context:
     mask: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None
     windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+    fused: bool = False  # attention over a cached prefix through the compiled kernels of fused.py
     copies: dict = field(default_factory=dict, repr=False)  # device -> this context there (a model split over GPUs)
 
     def on(self, device: torch.device) -> "Context":
@@ -130,7 +132,7 @@ class HeadAccess:
 class Layout(HeadAccess):
     """A decoder-only transformer run block by block. Subclasses set `blocks`, `final_norm`,
     `lm_head`, `n_heads`, `n_kv_heads`, `head_dim`, `parallel` and implement the family hooks
-    below (`embed`, `rope`, `qkv`, `attn_out`, `norm_attn`, `norm_mlp`, `mlp_key`, `mlp_out`)."""
+    below (`embed`, `rope`, `project`, `rotate`, `attn_out`, `norm_attn`, `norm_mlp`, `mlp_key`, `mlp_out`)."""
 
     family = ""
     parallel = False  # attention and MLP read the same block input (GPT-J, NeoX parallel residual)
@@ -160,9 +162,18 @@ class Layout(HeadAccess):
     def rope(self, h: torch.Tensor, positions: torch.Tensor):
         return None
 
-    def qkv(self, i: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q (B, H, S, h_d), k, v (B, H_kv, S, h_d)) of block i's normed input x, rotary applied."""
+    def project(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q (B, H, S, h_d), k, v (B, H_kv, S, h_d)) of block i's normed input x, before any rotary."""
         raise NotImplementedError
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k with the rotary embedding `rope` applied (as they are for learned positions)."""
+        return q, k
+
+    def qkv(self, i: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) of block i's normed input x, rotary applied."""
+        q, k, v = self.project(i, x)
+        return (*self.rotate(q, k, rope), v)
 
     def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -216,11 +227,16 @@ class Layout(HeadAccess):
                 windowed[w] = (causal if mask is None else mask) & near[:, None]
         return Context(positions, mask, self.rope(h, positions), windowed)
 
-    def attention(self, i: int, x: torch.Tensor, ctx: Context, past=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Block i's attention output (B, S, d) and this call's (k, v) (before the prefix is joined)."""
+    def attention(self, i: int, x: torch.Tensor, ctx: Context, past=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Block i's attention output (B, S, d) and this call's (k, v) (before the prefix is joined;
+        None on the fused path, whose callers, z's steps, never keep them)."""
+        mask = ctx.windowed.get(self.window(i), ctx.mask)
+        if ctx.fused and past is not None:  # z's steps: rotary and attention compiled (fused.py)
+            from .fused import fused_attention
+
+            return self.attn_out(i, fused_attention(self, *self.project(i, x), ctx.rope, past, mask, self.attn_scale(i))), None
         q, k, v = self.qkv(i, x, ctx.rope)
         kv = (k, v)
-        mask = ctx.windowed.get(self.window(i), ctx.mask)
         if hasattr(past, "attend"):  # a cache with its own attention (shared_prefix.SharedPrefixKV)
             return self.attn_out(i, past.attend(q, k, v, mask, self.attn_scale(i)).transpose(1, 2).flatten(2)), kv
         if past is not None and self.split_prefix_attention:
@@ -417,17 +433,25 @@ class SuffixRunner:
         if self.cache is not None and layout.split_prefix_attention:  # keys in the scores' dtype, once
             self.cache.kv = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
         self.positions = suffix_pos
-        self.ctx = ctx
+        self.ctx = step_context(layout, ctx)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (the batch shrinks as requests converge)."""
         self.positions = self.positions[rows]
         self.cache = None if self.cache is None else self.cache.select(rows)
-        self.ctx = self.layout.context(self.hidden[:1], self.positions, None if self.cache is None else self.cache.mask)
+        self.ctx = step_context(self.layout, self.layout.context(self.hidden[:1], self.positions, None if self.cache is None else self.cache.mask))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Block `stop`'s output from block `layer`'s output h (rows as selected)."""
         return self.layout.run(h, self.layer + 1, self.stop + 1, self.ctx, self.cache)
+
+
+def step_context(layout: Layout, ctx: Context) -> Context:
+    """ctx for z's steps: fused attention where `fused.use_fused` says so for the layout's device."""
+    from .fused import use_fused
+
+    ctx.fused = layout.split_prefix_attention and use_fused(layout.device)
+    return ctx
 
 
 def patch_rows(t: torch.Tensor, patch) -> torch.Tensor:

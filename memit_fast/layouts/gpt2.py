@@ -22,7 +22,7 @@ class GPT2Layout(Layout):
     def embed(self, ids, positions):
         return self.wte(ids) + self.wpe(positions)
 
-    def qkv(self, i, x, rope):
+    def project(self, i, x):
         shape = (*x.shape[:2], self.n_heads, self.head_dim)
         q, k, v = self.blocks[i].attn.c_attn(x).split(x.shape[-1], dim=-1)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)

@@ -44,13 +44,13 @@ class GPTJLayout(Layout):
         rot = x[..., :r] * cos + rotate_every_two(x[..., :r]) * sin
         return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
 
-    def qkv(self, i, x, rope):
+    def project(self, i, x):
         attn = self.blocks[i].attn
         shape = (*x.shape[:2], self.n_heads, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        return self._rotate(q, rope), self._rotate(k, rope), v
+        return tuple(p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def rotate(self, q, k, rope):
+        return self._rotate(q, rope), self._rotate(k, rope)
 
     def attn_out(self, i, o):
         return self.blocks[i].attn.out_proj(o)

@@ -49,14 +49,14 @@ class LlamaLayout(Layout):
     def rope(self, h, positions):
         return self.rotary(h, positions)  # (cos, sin), each (B, S, h_d)
 
-    def qkv(self, i, x, rope):
+    def project(self, i, x):
         attn = self.blocks[i].self_attn
         shape = (*x.shape[:2], -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        return tuple(p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def rotate(self, q, k, rope):
         cos, sin = rope
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def attn_out(self, i, o):
         return self.blocks[i].self_attn.o_proj(o)

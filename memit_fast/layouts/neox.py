@@ -28,11 +28,13 @@ class NeoXLayout(Layout):
     def rope(self, h, positions):
         return self.rotary(h, positions)
 
-    def qkv(self, i, x, rope):
+    def project(self, i, x):
         qkv = self.blocks[i].attention.query_key_value(x).view(*x.shape[:2], self.n_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
+        return qkv.chunk(3, dim=-1)
+
+    def rotate(self, q, k, rope):
         cos, sin = rope
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def attn_out(self, i, o):
         return self.blocks[i].attention.dense(o)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import score_dtype
+from .base import score_dtype, step_context
 
 
 def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) -> torch.Tensor:
@@ -151,13 +151,13 @@ class SharedPrefixRunner:
         kept = range(layer + 1, stop + 1)
         self.cache = SharedPrefixCache({i: template[i] for i in kept}, template_mask, own, own_mask, uses)
         self.positions = suffix_pos
-        self.ctx = ctx
+        self.ctx = step_context(layout, ctx)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (whole requests; the batch shrinks as requests converge)."""
         self.positions = self.positions[rows]
         self.cache = self.cache.select(rows)
-        self.ctx = self.layout.context(self.hidden[:1], self.positions, self.cache.mask, prefix_positions=self.cache.key_positions)
+        self.ctx = step_context(self.layout, self.layout.context(self.hidden[:1], self.positions, self.cache.mask, prefix_positions=self.cache.key_positions))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Block `stop`'s output from block `layer`'s output h (rows as selected)."""
