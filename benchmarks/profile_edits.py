@@ -500,7 +500,7 @@ def profile_records(doc: dict, ctx: dict) -> list[dict]:
     cond, env = doc.get("conditions", {}), doc.get("environment", {})
     ctx = dict(ctx, date=env.get("date", ctx["date"]), commit=str(env.get("commit") or ctx["commit"]))
     common = dict(model=cond.get("model"), dtype=cond.get("dtype"))
-    keep = ("tiny", "hparams", "chunk_tokens", "memory_cap_gib", "solve_method_fast", "stats_gib", "model_gib", "templates_sampling_s", "parameters",
+    keep = ("tiny", "hparams", "chunk_tokens", "memory_cap_gib", "z_attention", "solve_method_fast", "stats_gib", "model_gib", "templates_sampling_s", "parameters",
             "request_lengths", "weights", "early_stop", "statistics")
     conditions = {k: cond[k] for k in keep if k in cond}
     if env.get("attn_implementation"):

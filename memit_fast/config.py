@@ -88,7 +88,7 @@ ENV: dict[str, EnvVar] = {
         _block, lambda: 2048, "columns per block of the float64 triangular solves (0: one call)"),
     "MEMIT_FAST_NATIVE": EnvVar(_switch, lambda: True, "1: use the native module when it loads; 0: never"),
     "MEMIT_FAST_COMPILE": EnvVar(
-        _switch, lambda: None, "1: z's attention through torch.compile's fused kernels; 0: eager (unset: on a GPU only)"),
+        _switch, lambda: False, "1: z's attention through torch.compile's fused kernels on a GPU (measured no faster end to end, benchmarks/NOTES.md); 0: eager"),
     "MEMIT_FAST_DIST_TIMEOUT": EnvVar(
         _timeout, lambda: _timeout("MEMIT_FAST_DIST_TIMEOUT", "600"),
         "seconds a rank of a torch.distributed group waits for the others before failing (torchrun runs)"),

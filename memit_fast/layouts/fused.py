@@ -5,8 +5,10 @@ functions `base.prefix_attention` and `shared_prefix.shared_prefix_attention`, w
 reference twins (tests/test_fused.py compares them). One compiled graph serves every block and
 every chunk: shapes are dynamic, the weights never enter it (the projections stay outside).
 
-On by default on a GPU, off on the CPU; MEMIT_FAST_COMPILE=0|1 says otherwise. If the compiler
-fails (no working Triton, say), a warning names the error and z goes on eagerly.
+Off by default: on an H200 at GPT-J shapes it ran z's steps 7% faster in a probe but no faster end
+to end (benchmarks/NOTES.md, session 5), and compiling costs ~25 s per process. MEMIT_FAST_COMPILE=1
+turns it on (on a GPU or the CPU). If the compiler fails (no working Triton, say), a warning
+names the error and z goes on eagerly.
 """
 
 from __future__ import annotations
@@ -24,11 +26,8 @@ _state = {"failed": None}  # the compiler's error, once it has failed in this pr
 
 
 def use_fused(device: torch.device) -> bool:
-    """Whether z's steps on `device` run the compiled attention."""
-    wanted = env_setting("MEMIT_FAST_COMPILE")
-    if wanted is None:
-        wanted = device.type == "cuda"
-    return bool(wanted) and _state["failed"] is None
+    """Whether z's steps on `device` run the compiled attention (MEMIT_FAST_COMPILE=1, compiler not failed)."""
+    return env_setting("MEMIT_FAST_COMPILE") and _state["failed"] is None
 
 
 def _per_row(rotate, q, k, v, rope, past_k, past_v, mask, scale):
