@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, TargetError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
-from .layouts.base import key_dtype
 from .model_access import float_dtype, hidden_size, model_device
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
@@ -299,7 +298,7 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
     """(bytes per padded suffix token, {shared: bytes per padded cached prefix token}) of a z
     chunk, estimated. Per suffix token: the activations kept for the backward pass of blocks
     L+1..v_loss_layer (about 10 d + 3 d_ff elements per block) and the target logits. Per prefix
-    token: its keys (`layouts.base.key_dtype`) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
+    token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
     for the shared-template runner (it drops blocks 0..L as it goes), 0..v_loss_layer for the
     per-row cache (held while it is built), every block for the generic layout."""
     config = model.config
@@ -316,8 +315,7 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
         n = getattr(config, "num_hidden_layers", None) or config.n_layer
         cached = {True: n, False: n}
-    keys = torch.empty(0, dtype=next(model.parameters()).dtype, device=model_device(model))
-    return per_suffix, {k: v * kv_width * (torch.finfo(key_dtype(keys)).bits // 8 + elem) for k, v in cached.items()}
+    return per_suffix, {k: v * kv_width * (max(elem, 4) + elem) for k, v in cached.items()}
 
 
 def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:

@@ -35,58 +35,23 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-_MIXED: dict = {}  # device -> whether mixed_products holds there (probed once, outside compiled code)
-
-
-def mixed_products(device: torch.device) -> bool:
-    """torch.bmm(..., out_dtype=float32) of bf16 inputs, with its backward, works on `device`."""
-    if device not in _MIXED:
-        try:
-            a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device=device, requires_grad=True)
-            torch.bmm(a, a, out_dtype=torch.float32).sum().backward()
-            _MIXED[device] = a.grad is not None
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED[device] = False
-    return _MIXED[device]
-
-
-def key_dtype(keys: torch.Tensor) -> torch.dtype:
-    """The dtype a cached prefix's keys are kept in: their own where `scores` multiplies them as
-    they are (bf16 or fp16 on a GPU), else `score_dtype`, converted once rather than at every read."""
-    f = score_dtype(keys.dtype)
-    return keys.dtype if keys.dtype != f and keys.is_cuda and mixed_products(keys.device) else f
-
-
-def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q @ k^T in `score_dtype`: q (..., M, h_d), k (..., K, h_d) with the same leading dims. bf16
-    or fp16 inputs on a GPU are multiplied as they are on the tensor cores, accumulated and
-    returned in float32 (as fused attention kernels form scores: the products of two bf16 values
-    are exact in float32, so this equals casting first, up to the order of the sums); otherwise
-    both are cast to `score_dtype` first."""
-    f = score_dtype(q.dtype)
-    if q.dtype != f and k.dtype == q.dtype and q.is_cuda and mixed_products(q.device):
-        lead = q.shape[:-2]
-        out = torch.bmm(q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(-1, -2), out_dtype=f)
-        return out.view(*lead, q.shape[-2], k.shape[-2])
-    return q.to(f) @ k.to(f).transpose(-1, -2)
-
-
 def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
     """Attention of rows over their cached prefix and their own tokens, without joining the two:
     the prefix's keys and values are read in place (no copy per step, no gradient for them), and
     grouped-query heads share their key/value head without repeating it.
 
     q (B, H, S, h_d); k, v (B, H_kv, S, h_d): the rows' own; past: the prefix's (k (B, H_kv, P, h_d),
-    kept in `key_dtype` by SuffixRunner so no step converts it, v (B, H_kv, P, h_d)); mask (B, 1,
-    S, P + S) bool, True where a query may attend. Scores (`scores`) and softmax in `score_dtype`,
-    the probabilities cast to v's dtype for the products with v. Returns (B, H, S, h_d)."""
+    kept in `score_dtype` by SuffixRunner so no step converts it, v (B, H_kv, P, h_d)); mask (B, 1,
+    S, P + S) bool, True where a query may attend. Scores and softmax in `score_dtype`, the
+    probabilities cast to v's dtype for the products with v. Returns (B, H, S, h_d)."""
     B, H, S, hd = q.shape
     H_kv, P = k.shape[1], past[0].shape[2]
-    qg = q.reshape(B, H_kv, H // H_kv * S, hd)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
-    s = torch.cat([scores(qg, past[0].to(key_dtype(qg))), scores(qg, k)], dim=-1)
-    s = s.view(B, H_kv, H // H_kv, S, P + S)
-    s = s.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
-    p = s.softmax(-1).to(v.dtype).view(B, H_kv, H // H_kv * S, P + S)
+    f = score_dtype(q.dtype)
+    qg = q.reshape(B, H_kv, H // H_kv * S, hd).to(f)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
+    scores = torch.cat([qg @ past[0].to(f).transpose(-1, -2), qg @ k.to(f).transpose(-1, -2)], dim=-1)
+    scores = scores.view(B, H_kv, H // H_kv, S, P + S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
+    p = scores.softmax(-1).to(v.dtype).view(B, H_kv, H // H_kv * S, P + S)
     o = p[..., :P] @ past[1] + p[..., P:] @ v
     return o.view(B, H, S, hd)
 
@@ -465,8 +430,8 @@ class SuffixRunner:
             h, ctx = layout.start(suffix_ids, suffix_pos, cache)
             self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
         self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
-        if self.cache is not None and layout.split_prefix_attention:  # keys in the dtype `scores` reads, once
-            self.cache.kv = {i: (k.to(key_dtype(k)), v) for i, (k, v) in self.cache.kv.items()}
+        if self.cache is not None and layout.split_prefix_attention:  # keys in the scores' dtype, once
+            self.cache.kv = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
         self.positions = suffix_pos
         self.ctx = step_context(layout, ctx)
 

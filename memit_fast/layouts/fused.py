@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..config import env_setting
-from .base import mixed_products, prefix_attention
+from .base import prefix_attention
 from .shared_prefix import shared_prefix_attention
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def fused_attention(layout, q, k, v, rope, past, mask, scale):
     else:
         args = (_per_row, layout.rotate, q, k, v, rope, past[0], past[1], mask, scale)
     if _state["failed"] is None:
-        mixed_products(q.device)  # probed here, not inside the traced code
         try:
             return _compile(args[0])(*args[1:])
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:

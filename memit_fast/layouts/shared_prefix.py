@@ -17,30 +17,30 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import key_dtype, scores, step_context
+from .base import score_dtype, step_context
 
 
 def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) -> torch.Tensor:
     """Attention of rows (R = B * n, request-major) over their template's cached keys and values
     `template` (n, H_kv, T, h_d) (read in place, never repeated per row), their own cached prefix
     `own` (R, H_kv, P, h_d) or None, and their own tokens k, v (R, H_kv, S, h_d). q (R, H, S, h_d);
-    mask (R, 1, S, T + P + S) bool, True where a query may attend. Scores (`base.scores`) and
-    softmax in float32 at least; values multiplied in v's dtype. Returns (R, H, S, h_d)."""
+    mask (R, 1, S, T + P + S) bool, True where a query may attend. Scores and softmax in float32
+    at least; values multiplied in v's dtype. Returns (R, H, S, h_d)."""
     R, H, S, hd = q.shape
     H_kv, T = template[0].shape[1], template[0].shape[2]
     P = 0 if own is None else own[0].shape[2]
     B, M = R // n, H // H_kv * S
-    qg = q.reshape(R, H_kv, M, hd)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
-    kd = key_dtype(qg)
+    f = score_dtype(q.dtype)
+    qg = q.reshape(R, H_kv, M, hd).to(f)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
     # template j's queries of all B requests in one product: (n, H_kv, B * M, h_d) @ (n, H_kv, h_d, T);
     # its scores and outputs are read back as (B, n, ...) views (no copy: cat and add take them)
     q_t = qg.view(B, n, H_kv, M, hd).permute(1, 2, 0, 3, 4).reshape(n, H_kv, B * M, hd)
-    s_t = scores(q_t, template[0].to(kd)).view(n, H_kv, B, M, T).permute(2, 0, 1, 3, 4)
-    parts = [s_t] + ([scores(qg, own[0].to(kd)).view(B, n, H_kv, M, P)] if P else [])
-    parts.append(scores(qg, k).view(B, n, H_kv, M, S))
-    s = torch.cat(parts, dim=-1).view(R, H_kv, H // H_kv, S, T + P + S)
-    s = s.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
-    p = s.softmax(-1).to(v.dtype).view(R, H_kv, M, T + P + S)
+    s_t = (q_t @ template[0].to(f).transpose(-1, -2)).view(n, H_kv, B, M, T).permute(2, 0, 1, 3, 4)
+    parts = [s_t] + ([(qg @ own[0].to(f).transpose(-1, -2)).view(B, n, H_kv, M, P)] if P else [])
+    parts.append((qg @ k.to(f).transpose(-1, -2)).view(B, n, H_kv, M, S))
+    scores = torch.cat(parts, dim=-1).view(R, H_kv, H // H_kv, S, T + P + S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
+    p = scores.softmax(-1).to(v.dtype).view(R, H_kv, M, T + P + S)
     p_t = p[..., :T].reshape(B, n, H_kv, M, T).permute(1, 2, 0, 3, 4).reshape(n, H_kv, B * M, T)
     o = p[..., T + P :] @ v
     if P:
@@ -129,7 +129,7 @@ class SharedPrefixRunner:
         uses = torch.ones(R, dtype=torch.bool, device=own_ids.device) if uses is None else uses.bool()
         with torch.no_grad():
             t = layout.prefix_cache(template_ids, template_mask, stop + 1)
-            template = {i: (k.to(key_dtype(k)), v) for i, (k, v) in t.kv.items()}
+            template = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in t.kv.items()}
             cache = SharedPrefixCache(template, template_mask, {}, own_mask[:, :0], uses)
             if P:  # own prefix tokens after the template; a padded slot repeats its row's last position
                 t_len = cache.template_length
@@ -144,7 +144,7 @@ class SharedPrefixRunner:
             for i in range(stop + 1):
                 if P:
                     own_h, (k, v) = layout.block(i, own_h, own_ctx, cache.kv[i], want_kv=True)
-                    own[i] = (_compact(k.to(key_dtype(k))), _compact(v))
+                    own[i] = (_compact(k.to(score_dtype(k.dtype))), _compact(v))
                 if i <= layer:
                     h = layout.block(i, h, ctx, SharedPrefixKV(template[i], own.pop(i, None), n))
             self.hidden = h.to(suffix_ids.device)
