@@ -90,7 +90,7 @@ def apply(
             templates = normalize_templates(cfg.context_templates or generate_context_templates(model, tok, seed=cfg.seed))
             templates = distributed.broadcast_object(templates)  # several ranks: rank 0's samples
         with timer("tokenise"):  # errors (subject not in the prompt's tokens) before any work
-            encoded = encode_requests(tok, reqs, flatten(templates), hparams.fact_token)
+            encoded = _encode(tok, reqs, flatten(templates), hparams.fact_token)
             check_context(reqs, encoded, model.config)
         with timer("statistics"):
             covs = _covariances(model, tok, hparams, weights, cfg, layout)
@@ -196,6 +196,16 @@ def _targets(model, tok, encoded, hparams, cfg: EditConfig, z_files: list[Path] 
             for i in missing:
                 _write_z(z_files[i], z[i], _z_identity(encoded[i], hparams))
     return z
+
+
+def _encode(tok, reqs, templates: list[str], fact_token: str) -> list:
+    """tokens.encode_requests over `reqs`; several ranks: each encodes its share of the requests
+    (balanced by their characters) and the encoded requests are gathered in order."""
+    mine, parts = distributed.my_share([len(r.prompt) + len(r.subject) + len(r.target) for r in reqs])
+    if parts is None:
+        return encode_requests(tok, reqs, templates, fact_token)
+    local = distributed.agreed("tokenise", lambda: encode_requests(tok, [reqs[i] for i in mine], templates, fact_token) if mine else [])
+    return distributed.gather_objects(local, parts)
 
 
 def _compute_z(model, tok, encoded, hparams, cfg: EditConfig, layout) -> torch.Tensor:

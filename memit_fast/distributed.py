@@ -6,6 +6,8 @@ Data parallel (`apply` and `compute_stats` called on every rank of an initialise
 the same model, requests and settings):
 - statistics: each rank accumulates the keys of its share of the documents (`shard`, balanced
   by length); the float64 sums and the token counts are all-reduced (`all_reduce_sum_`);
+- tokenising: each rank encodes its share of the requests (balanced by characters), the
+  encoded requests are gathered in order (`gather_objects`);
 - z and keys: each rank computes the rows of its share of the requests (balanced by tokens),
   the rows are gathered in request order (`gather_rows`);
 - solves: layer i's solve runs on rank i mod N and its delta is broadcast (`on_owner`);
@@ -198,6 +200,21 @@ def gather_rows(local: torch.Tensor, parts: list[list[int]] | None) -> torch.Ten
     for p, c in zip(parts, chunks):
         if p:
             out[torch.tensor(p, device=local.device)] = c[: len(p)].to(local.device)
+    return out
+
+
+def gather_objects(local: list, parts: list[list[int]] | None) -> list:
+    """Every rank's items (picklable) in item order: local (len(parts[rank]) items) -> n items;
+    parts from `my_share` (None: one process, local is everything)."""
+    if parts is None:
+        return local
+    lists = [None] * world()
+    with _collective():
+        dist.all_gather_object(lists, local)
+    out = [None] * sum(map(len, parts))
+    for p, items in zip(parts, lists):
+        for i, item in zip(p, items):
+            out[i] = item
     return out
 
 

@@ -55,7 +55,7 @@ def _worker(rank: int, rdzv: str, out: str, given: dict) -> None:
             found[f"delta/{arch}"] = _edit(m, tiny.hparams(m), given[arch])
         # failures on rank 1 only: in z, and in the solve of the second layer (the first is written by then)
         from memit_fast import api, update
-        from memit_fast.errors import SolveError, TargetError
+        from memit_fast.errors import RequestError, SolveError, TargetError
 
         m = tiny.model("gptj")
         hp = tiny.hparams(m)
@@ -75,6 +75,17 @@ def _worker(rank: int, rdzv: str, out: str, given: dict) -> None:
                 raise SolveError("injected solve failure")
             return real_delta(*a, **k)
 
+        real_encode = api.encode_requests
+
+        def bad_encode(*a, **k):
+            if rank == 1:
+                raise RequestError("injected tokeniser failure")
+            return real_encode(*a, **k)
+
+        api.encode_requests = bad_encode
+        found["tokenise_error"] = _error_of(lambda: _edit(m, hp, given["gptj"]))
+        api.encode_requests = real_encode
+        found["tokenise_untouched"] = all(torch.equal(p, before[n]) for n, p in m.named_parameters())
         api.compute_targets = bad_targets
         found["z_error"] = _error_of(lambda: _edit(m, hp, given["gptj"]))
         api.compute_targets = real_targets
@@ -193,6 +204,8 @@ def test_deltas_equal_one_process(ranks, arch):
 def test_a_failing_rank_fails_every_rank_and_weights_stay(ranks):
     found, _, _ = ranks
     for r in range(WORLD):
+        assert found[r]["tokenise_error"] == ("RequestError", "rank 1 of 2 failed in tokenise: RequestError: injected tokeniser failure")
+        assert found[r]["tokenise_untouched"]
         assert found[r]["z_error"] == ("TargetError", "rank 1 of 2 failed in z: TargetError: injected z failure")
         assert found[r]["z_untouched"]
         assert found[r]["solve_error"] == ("SolveError", "rank 1 of 2 failed in the solve of layer 3: SolveError: injected solve failure")

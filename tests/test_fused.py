@@ -26,9 +26,9 @@ from memit_fast.edit_requests import normalize_requests
 from test_layouts import _hparams, _layout, _model
 from test_shared_prefix import _runners
 
-# the rotary forms and scales besides GPT-J's (compiled by Inductor below): none and 1/(layer+1)
+# the rotary forms besides GPT-J's (compiled by Inductor below): none
 # (GPT-2), rotate-half on a share of the head (NeoX) and on all of it with grouped queries (Llama)
-TRACED = ["gpt2-inverse-layer-scale", "neox-parallel", "llama-gqa"]
+TRACED = ["gpt2", "neox-parallel", "llama-gqa"]
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ dtype, the joined scores, mask, scale and softmax, and the output's head layout,
 `torch.compile` (Inductor's Triton kernels) around the same matrix products as the eager
 functions `base.prefix_attention` and `shared_prefix.shared_prefix_attention`, which stay the
 reference twins (tests/test_fused.py compares them). One compiled graph serves every block and
-every chunk: shapes are dynamic, the weights never enter it (the projections stay outside).
+every chunk: shapes are dynamic, the weights never enter it (the projections stay outside); a
+scale that differs per layer (GPT-2's scale_attn_by_inverse_layer_idx) compiles once per layer.
 
 Off by default: on an H200 at GPT-J shapes it ran z's steps 7% faster in a probe but no faster end
 to end (benchmarks/NOTES.md, session 5), and compiling costs ~25 s per process. MEMIT_FAST_COMPILE=1
