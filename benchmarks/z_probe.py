@@ -52,13 +52,56 @@ def _record_caches(layout, seen: list) -> None:
         setattr(layout, name, wrapped)
 
 
+class _LowPrecisionScores(torch.autograd.Function):
+    """q (N, M, h_d) @ k (N, K, h_d)^T of bf16/fp16 inputs as float32 scores, the products on the
+    tensor cores and accumulated in float32 (`torch.bmm(..., out_dtype=float32)`, whose own
+    backward torch 2.11 lacks); backward in the inputs' dtype from the scores' gradient rounded to
+    it (as flash attention forms dQ and dK). On the CPU (no such kernel): cast first."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        if q.is_cuda:
+            return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        return q.float() @ k.float().transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, ds):
+        q, k = ctx.saved_tensors
+        ds = ds.to(q.dtype)
+        return (torch.bmm(ds, k) if ctx.needs_input_grad[0] else None), (torch.bmm(ds.transpose(1, 2), q) if ctx.needs_input_grad[1] else None)
+
+
+def _prefix_attention_low_precision(q, k, v, past, mask, scale=None):
+    """layouts.base.prefix_attention with `_LowPrecisionScores` (keys cached in the model's dtype)."""
+    B, H, S, hd = q.shape
+    H_kv, P = k.shape[1], past[0].shape[2]
+    M = H // H_kv * S
+    qg = q.reshape(B * H_kv, M, hd)
+    s = torch.cat([_LowPrecisionScores.apply(qg, past[0].reshape(B * H_kv, P, hd)), _LowPrecisionScores.apply(qg, k.reshape(B * H_kv, S, hd))], -1)
+    s = s.view(B, H_kv, H // H_kv, S, P + S).masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
+    p = s.softmax(-1).to(v.dtype).view(B, H_kv, M, P + S)
+    return (p[..., :P] @ past[1] + p[..., P:] @ v).view(B, H, S, hd)
+
+
+def _low_precision_scores(on: bool) -> None:
+    """Attention `split-bf16`: z's per-row prefix attention through `_prefix_attention_low_precision`,
+    the prefix keys kept in the model's dtype (a third less cache); off: the library's own."""
+    from memit_fast.layouts import base
+
+    if not hasattr(base, "_probe_saved"):
+        base._probe_saved = (base.prefix_attention, base.score_dtype)
+    base.prefix_attention, base.score_dtype = (_prefix_attention_low_precision, lambda dtype: dtype) if on else base._probe_saved
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
     ap.add_argument("--chunk-tokens", default="0,4096", help="comma-separated; 0 for compute_targets' default chunking")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prefix", default="shared,per-row", help="comma-separated: shared, per-row")
-    ap.add_argument("--attention", default="split", help="comma-separated: split, sdpa (sdpa: per-row prefix only)")
+    ap.add_argument("--attention", default="split", help="comma-separated: split, sdpa, split-bf16 (the last two: per-row prefix only; "
+                    "split-bf16: scores as bf16 products accumulated in float32, keys cached in bf16, an experiment)")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph steps")
     ap.add_argument("--compile", default="off,on", help="comma-separated: off (eager attention), on (memit_fast.layouts.fused)")
     ap.add_argument("--tokenizer", default=None)
@@ -78,6 +121,7 @@ def main(argv=None) -> int:
     tok = synthetic.load_tokenizer(args.tokenizer, fallback_ok=args.tiny)
     hp = memit_fast.presets.for_model(model).replace(v_num_grad_steps=args.steps)
     layout = layout_for(model, hp)
+    defaults = type(layout).shared_prefix, type(layout).split_prefix_attention
     records = synthetic.load_records(fallback_ok=args.tiny)
     flat = [t for g in synthetic.TEMPLATES for t in g]
     print(f"{args.model}: layout {type(layout).__name__}, layers {hp.layers}, loss layer {hp.v_loss_layer}", flush=True)
@@ -102,11 +146,12 @@ def main(argv=None) -> int:
         runs = [(p, a, g, c) for p in args.prefix.split(",") for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))
                 for c in args.compile.split(",")]
         for prefix, attention, graphs, compiled in runs:
-            if prefix == "shared" and attention == "sdpa":
+            if prefix == "shared" and attention != "split" or attention == "split-bf16" and compiled == "on":
                 continue
             os.environ["MEMIT_FAST_COMPILE"] = "1" if compiled == "on" else "0"
             type(layout).shared_prefix = prefix == "shared"
-            type(layout).split_prefix_attention = attention == "split"
+            type(layout).split_prefix_attention = attention != "sdpa"
+            _low_precision_scores(attention == "split-bf16")
             compute_targets(model, tok, enc[:8], hp.replace(v_num_grad_steps=5), chunk_tokens=asked, progress=False, layout=layout, cuda_graphs=graphs)
             caches: list[int] = []
             _record_caches(layout, caches)
@@ -127,7 +172,8 @@ def main(argv=None) -> int:
                   f"{dt / args.steps * 1e3:7.1f} ms/step  {work.flops / dt / 1e12:6.1f} TFLOP/s  z memory {extra:5.2f} GiB "
                   f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token), prefix cache {max(caches) / 2**30:5.2f} GiB per chunk",
                   flush=True)
-    type(layout).shared_prefix = type(layout).split_prefix_attention = True
+    _low_precision_scores(False)
+    type(layout).shared_prefix, type(layout).split_prefix_attention = defaults  # the profile: the library's own settings
     for compiled in args.compile.split(",") if args.profile_rows and cuda else ():
         from torch.profiler import ProfilerActivity, profile
 
