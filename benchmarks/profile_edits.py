@@ -284,7 +284,7 @@ def _profile(prof: Profiler, args) -> None:
         "tokenizer_vocab": len(tok), "requests": "CounterFact prompts and targets, distinct subjects (records' own, then prefixed by another subject's first word)",
         "chunk_tokens": args.chunk_tokens or "core default (from free memory)", "solve_method_fast": args.solve_method,
         "memory_cap_gib": args.memory_cap_gib,
-        "z_attention": "compiled (layouts/fused.py)" if fused.use_fused(next(model.parameters()).device) else "eager",
+        "z_attention": "compiled (layouts/fused.py)" if fused.use_fused() else "eager",
     }
 
     stats = None

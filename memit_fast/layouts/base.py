@@ -447,10 +447,10 @@ class SuffixRunner:
 
 
 def step_context(layout: Layout, ctx: Context) -> Context:
-    """ctx for z's steps: fused attention where `fused.use_fused` says so for the layout's device."""
+    """ctx for z's steps: fused attention where `fused.use_fused` says so."""
     from .fused import use_fused
 
-    ctx.fused = layout.split_prefix_attention and use_fused(layout.device)
+    ctx.fused = layout.split_prefix_attention and use_fused()
     return ctx
 
 

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 _state = {"failed": None}  # the compiler's error, once it has failed in this process
 
 
-def use_fused(device: torch.device) -> bool:
-    """Whether z's steps on `device` run the compiled attention (MEMIT_FAST_COMPILE=1, compiler not failed)."""
+def use_fused() -> bool:
+    """Whether z's steps run the compiled attention (MEMIT_FAST_COMPILE=1, compiler not failed)."""
     return env_setting("MEMIT_FAST_COMPILE") and _state["failed"] is None
 
 
@@ -68,5 +68,5 @@ def fused_attention(layout, q, k, v, rope, past, mask, scale):
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
             _state["failed"] = e
             log.warning("torch.compile failed (%s: %s); z's attention runs eagerly from here on "
-                        "(MEMIT_FAST_COMPILE=0 skips the attempt)", type(e).__name__, " ".join(str(e).split())[:400])
+                        "(unset MEMIT_FAST_COMPILE: no attempt)", type(e).__name__, " ".join(str(e).split())[:400])
     return args[0](*args[1:])
