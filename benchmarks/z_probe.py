@@ -74,13 +74,14 @@ class _LowPrecisionScores(torch.autograd.Function):
 
 def _prefix_attention_low_precision(q, k, v, past, mask, scale=None):
     """layouts.base.prefix_attention with `_LowPrecisionScores` (keys cached in the model's dtype)."""
+    from memit_fast.layouts.base import grouped_softmax
+
     B, H, S, hd = q.shape
     H_kv, P = k.shape[1], past[0].shape[2]
     M = H // H_kv * S
     qg = q.reshape(B * H_kv, M, hd)
     s = torch.cat([_LowPrecisionScores.apply(qg, past[0].reshape(B * H_kv, P, hd)), _LowPrecisionScores.apply(qg, k.reshape(B * H_kv, S, hd))], -1)
-    s = s.view(B, H_kv, H // H_kv, S, P + S).masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
-    p = s.softmax(-1).to(v.dtype).view(B, H_kv, M, P + S)
+    p = grouped_softmax(s.view(B, H_kv, H // H_kv, S, P + S), mask, hd**-0.5 if scale is None else scale, v.dtype)
     return (p[..., :P] @ past[1] + p[..., P:] @ v).view(B, H, S, hd)
 
 

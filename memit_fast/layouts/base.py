@@ -35,6 +35,15 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def grouped_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """Attention probabilities (B, H_kv, rep * S, K) in `dtype` from scores (B, H_kv, rep, S, K) in
+    `score_dtype` (query heads grouped by their key/value head), mask (B, 1, S, K) bool (True: may
+    attend) and the scores' scale."""
+    B, H_kv, rep, S, K = scores.shape
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * scale
+    return scores.softmax(-1).to(dtype).view(B, H_kv, rep * S, K)
+
+
 def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
     """Attention of rows over their cached prefix and their own tokens, without joining the two:
     the prefix's keys and values are read in place (no copy per step, no gradient for them), and
@@ -49,9 +58,7 @@ def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
     f = score_dtype(q.dtype)
     qg = q.reshape(B, H_kv, H // H_kv * S, hd).to(f)  # query heads h_kv*rep .. h_kv*rep + rep - 1 read kv head h_kv
     scores = torch.cat([qg @ past[0].to(f).transpose(-1, -2), qg @ k.to(f).transpose(-1, -2)], dim=-1)
-    scores = scores.view(B, H_kv, H // H_kv, S, P + S)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
-    p = scores.softmax(-1).to(v.dtype).view(B, H_kv, H // H_kv * S, P + S)
+    p = grouped_softmax(scores.view(B, H_kv, H // H_kv, S, P + S), mask, hd**-0.5 if scale is None else scale, v.dtype)
     o = p[..., :P] @ past[1] + p[..., P:] @ v
     return o.view(B, H, S, hd)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import score_dtype, step_context
+from .base import grouped_softmax, score_dtype, step_context
 
 
 def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) -> torch.Tensor:
@@ -39,8 +39,7 @@ def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) ->
     parts = [s_t] + ([(qg @ own[0].to(f).transpose(-1, -2)).view(B, n, H_kv, M, P)] if P else [])
     parts.append((qg @ k.to(f).transpose(-1, -2)).view(B, n, H_kv, M, S))
     scores = torch.cat(parts, dim=-1).view(R, H_kv, H // H_kv, S, T + P + S)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * (hd**-0.5 if scale is None else scale)
-    p = scores.softmax(-1).to(v.dtype).view(R, H_kv, M, T + P + S)
+    p = grouped_softmax(scores, mask, hd**-0.5 if scale is None else scale, v.dtype)
     p_t = p[..., :T].reshape(B, n, H_kv, M, T).permute(1, 2, 0, 3, 4).reshape(n, H_kv, B * M, T)
     o = p[..., T + P :] @ v
     if P:
