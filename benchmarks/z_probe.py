@@ -85,14 +85,16 @@ def _prefix_attention_low_precision(q, k, v, past, mask, scale=None):
     return (p[..., :P] @ past[1] + p[..., P:] @ v).view(B, H, S, hd)
 
 
+_LIBRARY: dict = {}  # layouts.base's own prefix_attention and score_dtype, while the probe replaces them
+
+
 def _low_precision_scores(on: bool) -> None:
     """Attention `split-bf16`: z's per-row prefix attention through `_prefix_attention_low_precision`,
     the prefix keys kept in the model's dtype (a third less cache); off: the library's own."""
     from memit_fast.layouts import base
 
-    if not hasattr(base, "_probe_saved"):
-        base._probe_saved = (base.prefix_attention, base.score_dtype)
-    base.prefix_attention, base.score_dtype = (_prefix_attention_low_precision, lambda dtype: dtype) if on else base._probe_saved
+    _LIBRARY.setdefault("functions", (base.prefix_attention, base.score_dtype))
+    base.prefix_attention, base.score_dtype = (_prefix_attention_low_precision, lambda dtype: dtype) if on else _LIBRARY["functions"]
 
 
 def main(argv=None) -> int:

@@ -59,11 +59,10 @@ def _compare(layout, device="cpu", reference_layout=None):
     of fused and of eager steps against eager steps of `reference_layout` (default: the same
     layout), on the real (unpadded) suffix tokens, for both prefix caches."""
     errors, stop = {}, layout.n_layers - 1
-    for kind, i in (("per-row", 0), ("shared", 1)):
-        *runners, mask = _runners(layout, 0, stop, device)
-        runner = runners[i]
-        ref = _runners(reference_layout, 0, stop, device)[i] if reference_layout is not None else runner
-        keep = mask.bool()
+    *runners, mask = _runners(layout, 0, stop, device)
+    refs = _runners(reference_layout, 0, stop, device)[:2] if reference_layout is not None else runners
+    keep = mask.bool()
+    for kind, runner, ref in zip(("per-row", "shared"), runners, refs):
         delta = torch.randn(ref.hidden.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
         want = _step(ref, False, ref.hidden.double() + delta)
         for on in (True, False):

@@ -57,7 +57,7 @@ def fused_attention(layout, q, k, v, rope, past, mask, scale):
     """Attention output (B, S, H * h_d) of un-rotated q (B, H, S, h_d), k, v (B, H_kv, S, h_d) over a
     cached prefix `past` ((k, v) per row, or a `shared_prefix.SharedPrefixKV`), as
     `Layout.attention` computes it eagerly."""
-    if hasattr(past, "template"):
+    if hasattr(past, "attend"):  # a SharedPrefixKV, told apart as Layout.attention does
         own = past.own or (None, None)
         args = (_shared, layout.rotate, q, k, v, rope, *past.template, *own, mask, past.n, scale)
     else:
