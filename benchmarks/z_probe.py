@@ -1,8 +1,9 @@
 """What bounds z on the GPU: one chunk size at a time, each prefix cache (`shared`: the context
 templates' keys and values once per chunk and each row's own prefix, layouts/shared_prefix.py,
-the default; `per-row`: every row's whole prefix) and attention over it (`split`:
-layouts.base.prefix_attention, the default; `sdpa`: SDPA over the prefix joined to the rows' keys,
-per-row cache only), eager or CUDA-graph steps, eager or compiled attention (`--compile`,
+the default; `per-row`: every row's whole prefix) and attention over it (`triton`: the kernels of
+kernels/prefix_attention.py, the library's default on a GPU; `split`: their twin
+layouts.base.prefix_attention; `sdpa`: SDPA over the prefix joined to the rows' keys, per-row
+cache only), eager or CUDA-graph steps, eager or compiled attention (`--compile`,
 layouts/fused.py), TFLOP/s of the z FLOP model, z's memory (peak
 above the model) and the prefix cache's bytes per chunk, and a torch.profiler table of eager
 steps (CPU time vs CUDA time per op).
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", default="0,4096", help="comma-separated; 0 for compute_targets' default chunking")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prefix", default="shared,per-row", help="comma-separated: shared, per-row")
-    ap.add_argument("--attention", default="split", help="comma-separated: split, sdpa, split-bf16 (the last two: per-row prefix only; "
-                    "split-bf16: scores as bf16 products accumulated in float32, keys cached in bf16, an experiment)")
+    ap.add_argument("--attention", default="triton,split", help="comma-separated: triton, split, sdpa, split-bf16 (the last two: per-row "
+                    "prefix only; split-bf16: scores as bf16 products accumulated in float32, keys cached in bf16, an experiment)")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph steps")
     ap.add_argument("--compile", default="off,on", help="comma-separated: off (eager attention), on (memit_fast.layouts.fused)")
     ap.add_argument("--tokenizer", default=None)
@@ -149,9 +150,10 @@ def main(argv=None) -> int:
         runs = [(p, a, g, c) for p in args.prefix.split(",") for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))
                 for c in args.compile.split(",")]
         for prefix, attention, graphs, compiled in runs:
-            if prefix == "shared" and attention != "split" or attention == "split-bf16" and compiled == "on":
+            if prefix == "shared" and attention != "split" or attention in ("split-bf16", "triton") and compiled == "on":
                 continue
             os.environ["MEMIT_FAST_COMPILE"] = "1" if compiled == "on" else "0"
+            os.environ["MEMIT_FAST_ATTENTION_KERNEL"] = "1" if attention == "triton" else "0"
             type(layout).shared_prefix = prefix == "shared"
             type(layout).split_prefix_attention = attention != "sdpa"
             _low_precision_scores(attention == "split-bf16")
@@ -171,16 +173,19 @@ def main(argv=None) -> int:
                 delattr(layout, name)
             extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
             label = f"chunk {'default' if asked is None else asked:>7} ({ct:5d} tokens)"
-            print(f"{label}, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens, {len(caches)} chunk(s): {prefix:7} {attention:5} graphs={graphs!s:5} compile={compiled:3}  "
+            print(f"{label}, {n:4d} requests, {work.suffix_tokens:6d} suffix tokens, {len(caches)} chunk(s): {prefix:7} {attention:10} graphs={graphs!s:5} compile={compiled:3}  "
                   f"{dt / args.steps * 1e3:7.1f} ms/step  {work.flops / dt / 1e12:6.1f} TFLOP/s  z memory {extra:5.2f} GiB "
                   f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token), prefix cache {max(caches) / 2**30:5.2f} GiB per chunk",
                   flush=True)
     _low_precision_scores(False)
     type(layout).shared_prefix, type(layout).split_prefix_attention = defaults  # the profile: the library's own settings
-    for compiled in args.compile.split(",") if args.profile_rows and cuda else ():
+    profiles = [(a, c) for a in args.attention.split(",") if a in ("triton", "split") for c in args.compile.split(",")
+                if not (a == "triton" and c == "on")]
+    for attention, compiled in profiles if args.profile_rows and cuda else ():
         from torch.profiler import ProfilerActivity, profile
 
         os.environ["MEMIT_FAST_COMPILE"] = "1" if compiled == "on" else "0"
+        os.environ["MEMIT_FAST_ATTENTION_KERNEL"] = "1" if attention == "triton" else "0"
         reqs = synthetic.make_requests(records, 2048 // 27, seed=2)
         enc = encode_requests(tok, normalize_requests(reqs), flat, hp.fact_token)
         compute_targets(model, tok, enc, hp.replace(v_num_grad_steps=2), chunk_tokens=2048, progress=False, layout=layout)  # compiled before the profile
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
         events = prof.key_averages()
         cpu = sum(e.self_cpu_time_total for e in events) / 1e3
         cuda_ms = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e3
-        print(f"profile of 3 steps, compile {compiled}: self CPU {cpu:.1f} ms, self CUDA {cuda_ms:.1f} ms, launches {sum(e.count for e in events if e.key.startswith('cuda') and 'Launch' in e.key)}")
+        print(f"profile of 3 steps, attention {attention}, compile {compiled}: self CPU {cpu:.1f} ms, self CUDA {cuda_ms:.1f} ms, launches {sum(e.count for e in events if e.key.startswith('cuda') and 'Launch' in e.key)}")
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
     return 0
 

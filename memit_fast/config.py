@@ -89,6 +89,8 @@ ENV: dict[str, EnvVar] = {
     "MEMIT_FAST_NATIVE": EnvVar(_switch, lambda: True, "1: use the native module when it loads; 0: never"),
     "MEMIT_FAST_COMPILE": EnvVar(
         _switch, lambda: False, "1: z's attention through torch.compile's fused kernels on a GPU (measured no faster end to end, benchmarks/NOTES.md); 0: eager"),
+    "MEMIT_FAST_ATTENTION_KERNEL": EnvVar(
+        _switch, lambda: True, "1: z's attention over its cached prefix through the Triton kernels on a GPU (bf16/fp16); 0: batched matrix products in float32"),
     "MEMIT_FAST_DIST_TIMEOUT": EnvVar(
         _timeout, lambda: _timeout("MEMIT_FAST_DIST_TIMEOUT", "600"),
         "seconds a rank of a torch.distributed group waits for the others before failing (torchrun runs)"),

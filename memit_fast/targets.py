@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, TargetError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
+from .layouts.base import prefix_kernel
 from .model_access import float_dtype, hidden_size, model_device
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
@@ -298,9 +299,10 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
     """(bytes per padded suffix token, {shared: bytes per padded cached prefix token}) of a z
     chunk, estimated. Per suffix token: the activations kept for the backward pass of blocks
     L+1..v_loss_layer (about 10 d + 3 d_ff elements per block) and the target logits. Per prefix
-    token: its keys (float32) and values (model dtype) in the cache's blocks: L+1..v_loss_layer
-    for the shared-template runner (it drops blocks 0..L as it goes), 0..v_loss_layer for the
-    per-row cache (held while it is built), every block for the generic layout."""
+    token: its keys (float32, or the model's dtype in a per-row cache read by the Triton kernel) and
+    values (model dtype) in the cache's blocks: L+1..v_loss_layer for the shared-template runner
+    (it drops blocks 0..L as it goes), 0..v_loss_layer for the per-row cache (held while it is
+    built), every block for the generic layout."""
     config = model.config
     d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
@@ -315,7 +317,9 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
         n = getattr(config, "num_hidden_layers", None) or config.n_layer
         cached = {True: n, False: n}
-    return per_suffix, {k: v * kv_width * (max(elem, 4) + elem) for k, v in cached.items()}
+    p = next(model.parameters())
+    key_elem = {True: max(elem, 4), False: elem if prefix_kernel(p.device, p.dtype) else max(elem, 4)}
+    return per_suffix, {k: v * kv_width * (key_elem[k] + elem) for k, v in cached.items()}
 
 
 def default_chunk_tokens(model, layout, hparams: MEMITHyperParams, prefix_per_suffix: float = 0.0) -> int:

@@ -63,6 +63,25 @@ def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
     return o.view(B, H, S, hd)
 
 
+def prefix_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention over a cached prefix runs the Triton kernels of
+    kernels/prefix_attention.py: on a GPU, bf16/fp16, MEMIT_FAST_ATTENTION_KERNEL not 0."""
+    from ..config import env_setting
+    from ..kernels._triton import HAVE_TRITON
+
+    return device.type == "cuda" and HAVE_TRITON and dtype in (torch.bfloat16, torch.float16) and env_setting("MEMIT_FAST_ATTENTION_KERNEL")
+
+
+def attend_prefix(q, k, v, past, mask, scale=None) -> torch.Tensor:
+    """`prefix_attention` (same arguments and result), through its Triton kernels where
+    `prefix_kernel` says so and they take these shapes, else the twin itself."""
+    from ..kernels import prefix_attention as kernel
+
+    if prefix_kernel(q.device, q.dtype) and kernel.supported(q, past):
+        return kernel.prefix_attention_triton(q, k, v, past, mask, scale)
+    return prefix_attention(q, k, v, past, mask, scale)
+
+
 @dataclass
 class Context:
     """The attention inputs of one batch, shared by every block.
@@ -247,7 +266,7 @@ class Layout(HeadAccess):
         if hasattr(past, "attend"):  # a cache with its own attention (shared_prefix.SharedPrefixKV)
             return self.attn_out(i, past.attend(q, k, v, mask, self.attn_scale(i)).transpose(1, 2).flatten(2)), kv
         if past is not None and self.split_prefix_attention:
-            o = prefix_attention(q, k, v, past, mask, self.attn_scale(i))
+            o = attend_prefix(q, k, v, past, mask, self.attn_scale(i))
             return self.attn_out(i, o.transpose(1, 2).flatten(2)), kv
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
@@ -437,8 +456,9 @@ class SuffixRunner:
             h, ctx = layout.start(suffix_ids, suffix_pos, cache)
             self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
         self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
-        if self.cache is not None and layout.split_prefix_attention:  # keys in the scores' dtype, once
-            self.cache.kv = {i: (k.to(score_dtype(k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
+        if self.cache is not None and layout.split_prefix_attention:  # the twin's keys in the scores' dtype, once
+            self.cache.kv = {i: (k if prefix_kernel(k.device, k.dtype) else k.to(score_dtype(k.dtype)), v)
+                             for i, (k, v) in self.cache.kv.items()}
         self.positions = suffix_pos
         self.ctx = step_context(layout, ctx)
 
