@@ -179,16 +179,17 @@ def _prefix_attention_bwd(
     # delta = sum_j p_j dp_j = do . o, from the probabilities (a first pass over the keys, from the
     # caches) rather than the stored output, whose rounding to bf16 would enter every dS
     delta = tl.zeros([HEADS * BLOCK_S], tl.float32)
+    # (names inside the loops differ from those after them: a block's shapes differ from the own keys')
     for n0 in range(0, P, BLOCK_N):
-        k, p, dp = _probabilities(q, do, lse, pk, pv, spk_s, spk_d, spv_s, spv_d, m_rows, sm_k, 0, n0, P, rows_ok, offs_d,
-                                  d_ok, scale, BLOCK_N, UPCAST)
-        delta += tl.sum(p * dp, 1)
-    k, p, dp = _probabilities(q, do, lse, k_own, v_own, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, P, 0, S, rows_ok, offs_d,
-                              d_ok, scale, BLOCK_S, UPCAST)
-    delta += tl.sum(p * dp, 1)
+        _k, p_blk, dp_blk = _probabilities(q, do, lse, pk, pv, spk_s, spk_d, spv_s, spv_d, m_rows, sm_k, 0, n0, P, rows_ok,
+                                           offs_d, d_ok, scale, BLOCK_N, UPCAST)
+        delta += tl.sum(p_blk * dp_blk, 1)
+    _k, p_own, dp_own = _probabilities(q, do, lse, k_own, v_own, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, P, 0, S, rows_ok,
+                                       offs_d, d_ok, scale, BLOCK_S, UPCAST)
+    delta += tl.sum(p_own * dp_own, 1)
     dq = tl.zeros([HEADS * BLOCK_S, BLOCK_D], tl.float32)
     for n0 in range(0, P, BLOCK_N):
-        dq, p, ds = _bwd_block(q, do, lse, delta, dq, pk, pv, spk_s, spk_d, spv_s, spv_d, m_rows, sm_k, 0, n0, P,
+        dq, _p, _ds = _bwd_block(q, do, lse, delta, dq, pk, pv, spk_s, spk_d, spv_s, spv_d, m_rows, sm_k, 0, n0, P,
                                rows_ok, offs_d, d_ok, scale, BLOCK_N, UPCAST)
     dq, p, ds = _bwd_block(q, do, lse, delta, dq, k_own, v_own, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, P, 0, S, rows_ok,
                            offs_d, d_ok, scale, BLOCK_S, UPCAST)
