@@ -110,12 +110,12 @@ def test_z_through_the_kernel_as_through_the_twin(monkeypatch):
     from memit_fast.tokens import encode_requests
     from memit_fast.templates import flatten
 
-    m32 = tiny.model("llama", dtype=torch.float32)  # grouped-query heads
+    m32 = tiny.model("llama", dtype=torch.float32).to(DEVICE)  # grouped-query heads
     tok = tiny.tokenizer()
     hp = tiny.hparams(m32, v_num_grad_steps=3)
     enc = encode_requests(tok, normalize_requests(tiny.REQUESTS), flatten(tiny.TEMPLATES), hp.fact_token)
     z32 = compute_targets(m32, tok, enc, hp, progress=False)
-    m16 = tiny.model("llama", dtype=torch.bfloat16)
+    m16 = tiny.model("llama", dtype=torch.bfloat16).to(DEVICE)
     z_twin = compute_targets(m16, tok, enc, hp, progress=False)
     calls = []
     real = kernel.prefix_attention_triton
