@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import memit_fast
+from memit_fast.edit_requests import normalize_requests
 import tiny
 
 pytestmark = pytest.mark.cuda
@@ -95,7 +96,7 @@ def test_chunk_planner_keeps_measured_chunks_within_its_budget():
     m = tiny.model("llama", dtype=torch.float32).to("cuda")
     hp = tiny.hparams(m, v_num_grad_steps=3)
     tok = tiny.tokenizer()
-    reqs = memit_fast.normalize_requests(tiny.REQUESTS * 8)
+    reqs = normalize_requests(tiny.REQUESTS * 8)
     enc = encode_requests(tok, reqs, flatten(tiny.TEMPLATES), hp.fact_token)
     make, measure = targets.ChunkPlanner.for_model, targets.ChunkPlanner.measure
     used, planners = [], []
