@@ -109,7 +109,7 @@ def cmd_dp(args) -> int:
         if rank != 0:
             return
         statistics = phase == "statistics"
-        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny}
+        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model)}
         kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
         rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
                                  n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
@@ -190,7 +190,7 @@ def cmd_split(args) -> int:
     hp = memit_fast.presets.for_model(model).replace(layers=hp.layers)
     prefix = hp.layer_module_tmp.split("{}")[0]
     blocks = {str(d): [int(k[len(prefix):]) for k, v in device_map.items() if v == d and k.startswith(prefix)] for d in dict.fromkeys(device_map.values())}
-    params = {"gpus": args.gpus, "build_s": round(build_s, 2), "model_tiny": args.tiny, "layers": hp.layers, "v_loss_layer": hp.v_loss_layer,
+    params = {"gpus": args.gpus, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model), "layers": hp.layers, "v_loss_layer": hp.v_loss_layer,
               "blocks_per_gpu": {d: f"{b[0]}..{b[-1]}" for d, b in blocks.items() if b}, "weights_gib_per_gpu": _gpu_peaks(),
               "layer_devices": {str(layer): str(model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.device) for layer in hp.layers}}
     print(json.dumps({"model": args.model, "built": params}), flush=True)

@@ -249,9 +249,6 @@ def run(args) -> int:
 
 def _profile(prof: Profiler, args) -> None:
     import memit_fast
-    from memit_fast.layouts import fused
-    from memit_fast.layouts.base import prefix_kernel
-
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if CUDA else "cpu"))
     if device.type == "cpu" and args.tiny:
@@ -285,8 +282,7 @@ def _profile(prof: Profiler, args) -> None:
         "tokenizer_vocab": len(tok), "requests": "CounterFact prompts and targets, distinct subjects (records' own, then prefixed by another subject's first word)",
         "chunk_tokens": args.chunk_tokens or "core default (from free memory)", "solve_method_fast": args.solve_method,
         "memory_cap_gib": args.memory_cap_gib,
-        "z_attention": "compiled (layouts/fused.py)" if fused.use_fused() else
-                       "triton (kernels/prefix_attention.py)" if prefix_kernel(device, next(model.parameters()).dtype) else "eager",
+        "z_attention": synthetic.z_attention(model),
     }
 
     stats = None

@@ -48,6 +48,17 @@ TEMPLATES = [
 ]
 
 
+def z_attention(model) -> str:
+    """Which attention z's steps run over their cached prefix on this model, for the records."""
+    from memit_fast.layouts import fused
+    from memit_fast.layouts.base import prefix_kernel
+
+    p = next(model.parameters())
+    if fused.use_fused():
+        return "compiled (layouts/fused.py)"
+    return "triton (kernels/prefix_attention.py)" if prefix_kernel(p.device, p.dtype) else "eager"
+
+
 def make_config(name: str, tiny: bool = False):
     import transformers
 

@@ -10,7 +10,9 @@ twin `<op>_reference`, the CPU path) and its CUDA implementation:
 | factor_scaled_cov, solve_cholesky, solve_woodbury, solve_mixed | native.py `*_native` (cuSOLVER / cuBLAS) | native.py `*_reference` |
 
 The solves run their twin on CUDA too when the native module is not available (native.py says
-why). Call them as torch.ops.memit_fast.<op>; the Python fronts, with argument checks, are
+why). z's attention over its cached prefix (kernels/prefix_attention.py) is no op here: an
+autograd.Function of a forward and a backward kernel whose twin is layouts.base.prefix_attention
+under autograd (layouts.base.attend_prefix chooses). Call them as torch.ops.memit_fast.<op>; the Python fronts, with argument checks, are
 `gather_rows` and `CovarianceAccumulator` here and memit_fast/solve.py for the solves.
 """
 
