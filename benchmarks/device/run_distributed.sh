@@ -17,6 +17,10 @@
 # per GPU), summary.txt (the tables and the stages' outcomes), printed last. Needs the tokenizer at .device/tokenizer
 # and .device/data/counterfact_250.json.
 # MEMIT_FAST_DIST_TINY=1: tiny shapes on the CPU (gloo), no GPU tests, to prove the script (a few minutes on 2 cores).
+# MEMIT_FAST_DIST_TESTS=0 skips the GPU tests; MEMIT_FAST_DIST_LIMIT_1 / _2 set the dp stages' limits (185 / 115 s).
+# 10,000 edits on 1 and 2 GPUs in one call (about 290 + 160 s with the Triton attention, predicted):
+#   MEMIT_FAST_DIST_TOKENS=0 MEMIT_FAST_DIST_EDITS=10000 MEMIT_FAST_DIST_TESTS=0 MEMIT_FAST_DIST_LIMIT_1=340 \
+#   MEMIT_FAST_DIST_LIMIT_2=220 MEMIT_FAST_DEVICE_BUDGET=575 bash benchmarks/device/run_distributed.sh dp
 set -u
 MODE=${1:-dp}
 [[ "$MODE" == dp || "$MODE" == split ]] || { echo "usage: $0 [dp|split]" >&2; exit 2; }
@@ -57,14 +61,14 @@ if [[ -z "${MEMIT_FAST_DIST_TINY:-}" ]] && command -v nvidia-smi >/dev/null; the
 fi
 RUN=("$PY" -m torch.distributed.run --standalone)
 BENCH=(-m benchmarks.distributed_bench)
-if [[ -z "${MEMIT_FAST_DIST_TINY:-}" ]]; then
+if [[ -z "${MEMIT_FAST_DIST_TINY:-}" && "${MEMIT_FAST_DIST_TESTS:-1}" != 0 ]]; then
   stage gpu_tests 60 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_distributed.py -m cuda
   "$PY" benchmarks/results_store.py --path "$REC" add-pytest "$LOG" --name "distributed GPU tests" \
     --command "pytest tests/test_distributed.py -m cuda" >>"$LOG" 2>&1
 fi
 if [[ "$MODE" == dp ]]; then
-  stage dp_1gpu 185 "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
-  stage dp_2gpu 115 "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
+  stage dp_1gpu "${MEMIT_FAST_DIST_LIMIT_1:-185}" "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
+  stage dp_2gpu "${MEMIT_FAST_DIST_LIMIT_2:-115}" "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
 else
   stage split_neox20b 270 "$PY" "${BENCH[@]}" split "${TINY[@]}" --model neox-20b --gpus 2 --stats-tokens "$SPLIT_TOKENS" \
     --edits "$NEOX_EDITS" --records "$REC"
