@@ -125,3 +125,30 @@ def test_z_through_the_kernel_as_through_the_twin(monkeypatch):
     assert calls, "the kernel never ran"
     err, twin_err = ((z - z32).norm(dim=1) for z in (z_kernel, z_twin))
     assert (err <= 2 * twin_err + 2**-10 * z32.norm(dim=1)).all(), (err, twin_err)
+
+
+def test_kernels_that_do_not_compile_leave_the_twin(monkeypatch, caplog):
+    """A Triton or GPU that cannot compile the kernels: attend_prefix warns once and runs the twin."""
+    from triton.runtime.errors import OutOfResources
+
+    from memit_fast.layouts import base
+
+    tries = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(kernel, "_compiled", {})
+    monkeypatch.setattr(kernel, "_prefix_attention_fwd", Broken())
+    monkeypatch.setattr(base, "prefix_kernel", lambda device, dtype: True)
+    q, k, v, past, mask = _inputs(2, 4, 2, 3, 6, 16, torch.bfloat16)
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger=kernel.__name__):
+            out = base.attend_prefix(q, k, v, past, mask, 0.3)
+        assert torch.equal(out, prefix_attention(q, k, v, past, mask, 0.3))
+    assert len(tries) == 1, "the failed configuration was tried again"
+    assert sum("do not compile" in r.getMessage() for r in caplog.records) == 1

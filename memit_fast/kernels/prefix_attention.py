@@ -25,6 +25,8 @@ Gradients flow to q and the rows' own k and v, never to the cached prefix (made 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
@@ -32,6 +34,8 @@ from .covariance import INTERPRET
 
 MAX_SUFFIX = 64  # longer suffixes (never z's) go to the twin: a row's queries are one tile
 MAX_HEAD_DIM = 256
+log = logging.getLogger(__name__)
+_compiled: dict = {}  # (tile configuration, dtype, device) -> None once both kernels ran, else the compiler's error
 
 
 @triton.jit
@@ -266,10 +270,46 @@ def supported(q: torch.Tensor, past) -> bool:
             and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] <= MAX_SUFFIX)
 
 
+def _compiler_errors() -> tuple[type, ...]:
+    try:
+        from triton.errors import TritonError
+
+        return (TritonError,)
+    except ImportError:  # older Triton: no common base class
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        return (CompilationError, OutOfResources)
+
+
+def compiles(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether both kernels compile and run for the tile configuration, dtype and device of q
+    (B, H, S, h_d) and k (B, H_kv, S, h_d): tried once per configuration on one row of one
+    key/value head (a GPU or a Triton that cannot compile them: a warning, and False from then on,
+    so the caller runs the twin)."""
+    B, H, S, D = q.shape
+    tiles = _tiles(S, D, H // k.shape[1])
+    key = (tuple(tiles.items()), q.dtype, q.device)
+    if key not in _compiled:
+        rep = tiles["REP"]
+        x = lambda *shape: torch.randn(*shape, device=q.device).to(q.dtype)  # noqa: E731
+        qq, kk, vv = x(1, rep, S, D).requires_grad_(), x(1, 1, S, D).requires_grad_(), x(1, 1, S, D).requires_grad_()
+        mask = torch.ones(1, 1, S, S + 1, dtype=torch.bool, device=q.device).tril(1)
+        try:
+            with torch.enable_grad():
+                prefix_attention_triton(qq, kk, vv, (x(1, 1, 1, D), x(1, 1, 1, D)), mask).sum().backward()
+            _compiled[key] = None
+        except _compiler_errors() as e:
+            _compiled[key] = e
+            log.warning("the prefix-attention kernels do not compile here (%s: %s); z's attention runs in "
+                        "float32 batched products instead", type(e).__name__, " ".join(str(e).split())[:300])
+    return _compiled[key] is None
+
+
 def prefix_attention_triton(q, k, v, past, mask, scale=None) -> torch.Tensor:
     """`layouts.base.prefix_attention` (the twin: same arguments, same result up to rounding) in
     two kernels. q (B, H, S, h_d); k, v (B, H_kv, S, h_d) the rows' own; past (k, v) (B, H_kv, P,
     h_d) the prefix's; mask (B, 1, S, P + S) bool. Returns (B, H, S, h_d), a view of a (B, S, H,
-    h_d) tensor. Check `supported` first."""
+    h_d) tensor. Check `supported` and `compiles` first."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _PrefixAttention.apply(q, k, v, past[0], past[1], mask, float(scale)).transpose(1, 2)

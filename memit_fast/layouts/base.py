@@ -65,19 +65,22 @@ def prefix_attention(q, k, v, past, mask, scale=None) -> torch.Tensor:
 
 def prefix_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether attention over a cached prefix runs the Triton kernels of
-    kernels/prefix_attention.py: on a GPU, bf16/fp16, MEMIT_FAST_ATTENTION_KERNEL not 0."""
+    kernels/prefix_attention.py: on a GPU with tensor cores for the dtype (bf16: compute capability
+    8.0 or more; fp16: 7.0), MEMIT_FAST_ATTENTION_KERNEL not 0."""
     from ..config import env_setting
     from ..kernels._triton import HAVE_TRITON
 
-    return device.type == "cuda" and HAVE_TRITON and dtype in (torch.bfloat16, torch.float16) and env_setting("MEMIT_FAST_ATTENTION_KERNEL")
+    if device.type != "cuda" or not HAVE_TRITON or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return torch.cuda.get_device_capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0)) and env_setting("MEMIT_FAST_ATTENTION_KERNEL")
 
 
 def attend_prefix(q, k, v, past, mask, scale=None) -> torch.Tensor:
     """`prefix_attention` (same arguments and result), through its Triton kernels where
-    `prefix_kernel` says so and they take these shapes, else the twin itself."""
+    `prefix_kernel` says so, they take these shapes and they compile here, else the twin itself."""
     from ..kernels import prefix_attention as kernel
 
-    if prefix_kernel(q.device, q.dtype) and kernel.supported(q, past):
+    if prefix_kernel(q.device, q.dtype) and kernel.supported(q, past) and kernel.compiles(q, k):
         return kernel.prefix_attention_triton(q, k, v, past, mask, scale)
     return prefix_attention(q, k, v, past, mask, scale)
 
