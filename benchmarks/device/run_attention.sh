@@ -18,11 +18,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININT
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG=$OUT/run.log
 . "$(dirname "$0")/stage.sh"
-{
-  echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
-  "$PY" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
-} >>"$LOG" 2>&1
+log_machine
 stage kernel_tests 90 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_prefix_attention.py
 stage z_probe 200 "$PY" -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 0 --prefix per-row --compile off --steps 6 \
   --attention "${MEMIT_FAST_ATTN_PROBE:-triton,split,split-bf16}" --tokenizer .device/tokenizer --profile-rows 30 --profile-chunk-tokens 0

@@ -20,11 +20,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININT
 export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG=$OUT/run.log
 . "$(dirname "$0")/stage.sh"
-{
-  echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
-  "$PY" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
-} >>"$LOG" 2>&1
+log_machine
 if [[ -n "${MEMIT_FAST_FORWARD_GGUF:-}" ]]; then
   export MEMIT_FAST_DEFAULT_GGUF=$MEMIT_FAST_FORWARD_GGUF MEMIT_FAST_CACHE=/tmp/memit_fast_cache
   data=.device/data

@@ -1,4 +1,5 @@
 # Sourced by the device scripts (after BUDGET and LOG are set):
+#   log_machine            appends the date, commit, GPU and versions to $LOG
 #   stage NAME SECONDS CMD...
 # runs CMD with a time limit of SECONDS x STAGE_SCALE, cut to what is left of BUDGET seconds;
 # SIGINT first (so pytest and the benchmarks report what they have), KILL STAGE_KILL seconds
@@ -15,4 +16,11 @@ stage() {
   local rc=$?
   STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+log_machine() {
+  {
+    echo "== $(date -u +%FT%TZ) commit ${MEMIT_FAST_COMMIT:-unknown}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
+    "${PY:-python3}" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
+  } >>"$LOG" 2>&1
 }
