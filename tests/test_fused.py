@@ -135,6 +135,20 @@ def test_the_switch(monkeypatch):
         fused.use_fused()
 
 
+def test_step_context_reaches_the_copies_for_other_devices(monkeypatch):
+    """A model split over GPUs keeps a copy of the context per device; those made before z's steps
+    (the prefix pass) must see the steps' settings too (the meta device stands in for a second GPU)."""
+    from memit_fast.layouts.base import step_context
+
+    layout = _layout("llama-gqa")
+    h = torch.zeros(2, 3, layout.config.hidden_size, dtype=torch.float64)
+    ctx = layout.context(h, torch.arange(3).expand(2, 3))
+    assert not ctx.on(torch.device("meta")).fused
+    monkeypatch.setenv("MEMIT_FAST_COMPILE", "1")
+    ctx = step_context(layout, ctx)
+    assert ctx.fused and ctx.on(torch.device("meta")).fused
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["gptj-partial-rotary", "llama-gqa"])  # each compiles anew: about a minute
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -481,6 +481,7 @@ def step_context(layout: Layout, ctx: Context) -> Context:
     from .fused import use_fused
 
     ctx.fused = layout.split_prefix_attention and use_fused()
+    ctx.copies.clear()  # a model split over GPUs: the other devices' copies were made before
     return ctx
 
 
