@@ -152,3 +152,11 @@ def test_kernels_that_do_not_compile_leave_the_twin(monkeypatch, caplog):
         assert torch.equal(out, prefix_attention(q, k, v, past, mask, 0.3))
     assert len(tries) == 1, "the failed configuration was tried again"
     assert sum("do not compile" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_compile_check_draws_nothing_from_the_rng(monkeypatch):
+    monkeypatch.setattr(kernel, "_compiled", {})
+    q, k, v, past, mask = _inputs(1, 2, 2, 3, 4, 16, torch.bfloat16)
+    state = torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state()
+    assert kernel.compiles(q, k)
+    assert torch.equal(state, torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state())
