@@ -98,6 +98,26 @@ def _low_precision_scores(on: bool) -> None:
     base.prefix_attention, base.score_dtype = (_prefix_attention_low_precision, lambda dtype: dtype) if on else _LIBRARY["functions"]
 
 
+def _kernel_resources() -> list[str]:
+    """Registers, spills, shared memory and warps of each compiled prefix-attention kernel (Triton's
+    per-device caches; CUDA only): whether a configuration spills, which limits the kernels."""
+    from memit_fast.kernels import prefix_attention as pa
+
+    lines = []
+    for name in ("_prefix_attention_fwd", "_prefix_attention_bwd"):
+        try:  # Triton's internals: a version that keeps them elsewhere gets a line saying so
+            for caches in getattr(getattr(pa, name), "device_caches", {}).values():
+                for key, compiled in caches[0].items():
+                    if hasattr(compiled, "_init_handles"):
+                        compiled._init_handles()  # fills n_regs and n_spills
+                    meta = compiled.metadata
+                    lines.append(f"{name}: {getattr(compiled, 'n_regs', '?')} registers, {getattr(compiled, 'n_spills', '?')} spilled, "
+                                 f"{getattr(meta, 'shared', '?')} B shared, {getattr(meta, 'num_warps', '?')} warps; {str(key)[-160:]}")
+        except Exception as e:  # noqa: BLE001 - a diagnostic, after the measurements
+            lines.append(f"{name}: resources not readable ({type(e).__name__}: {e})")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
@@ -180,6 +200,8 @@ def main(argv=None) -> int:
                   f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token), prefix cache {max(caches) / 2**30:5.2f} GiB per chunk",
                   flush=True)
     _low_precision_scores(False)
+    for line in _kernel_resources() if cuda else ():
+        print(line, flush=True)
     type(layout).shared_prefix, type(layout).split_prefix_attention = defaults  # the profile: the library's own settings
     profiles = [(a, c) for a in args.attention.split(",") if a in ("triton", "split") for c in args.compile.split(",")
                 if not (a == "triton" and c == "on")]

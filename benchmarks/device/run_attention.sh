@@ -31,7 +31,7 @@ fi
 "$PY" benchmarks/plot_results.py --records "$OUT/records.jsonl" --out "$OUT/tables" --no-plot >/dev/null 2>>"$LOG"
 {
   echo "== results"; cat "$OUT/tables/results.md" 2>/dev/null; rm -rf "$OUT/tables"
-  grep -E "chunk .* ms/step|profile of 3 steps" "$LOG"
+  grep -E "chunk .* ms/step|profile of 3 steps|_prefix_attention_(fwd|bwd): " "$LOG"
   echo "== stages (budget ${BUDGET}s, ${SECONDS}s used)"; printf '%s\n' "${STATUS[@]}"
   grep -h -E "passed|failed|error|Error" "$LOG" | tail -15
 } | tee "$OUT/summary.txt"
