@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, TargetError
 from .hparams import MEMITHyperParams
 from .layouts import layout_for
-from .layouts.base import prefix_kernel
+from .layouts.base import cache_key_dtype
 from .model_access import float_dtype, hidden_size, model_device
 from .tokens import EncodedRequest, length_batches, pad_id, pad_right
 
@@ -318,7 +318,7 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
         n = getattr(config, "num_hidden_layers", None) or config.n_layer
         cached = {True: n, False: n}
     p = next(model.parameters())
-    key_elem = {True: max(elem, 4), False: elem if prefix_kernel(p.device, p.dtype) else max(elem, 4)}
+    key_elem = {True: max(elem, 4), False: cache_key_dtype(p.device, p.dtype).itemsize}  # the shared cache's keys: float32
     return per_suffix, {k: v * kv_width * (key_elem[k] + elem) for k, v in cached.items()}
 
 

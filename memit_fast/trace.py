@@ -29,7 +29,7 @@ import torch
 
 from .errors import ConfigError, RequestError
 from .layouts import Layout, layout_for
-from .layouts.base import prefix_kernel, score_dtype
+from .layouts.base import cache_key_dtype
 from .model_access import block_output, get_module, hooks, model_device, with_block_output
 from .tokens import encode_prompts, encode_target, pad_id, pad_right
 
@@ -413,9 +413,8 @@ def _suffix_rows(layout, ids, last, noise, hidden, clean, spec, lo, hi, samples,
     device, (F, S), L = ids.device, ids.shape, layout.n_layers
     positions = torch.arange(S, device=device).expand(F * samples, S)
     states = [layout.start(ids.repeat_interleave(samples, 0))[0] + noise, *hidden]  # block inputs, corrupted rows
-    # keys in the scores' dtype once, not at every read (the Triton kernel reads the model's dtype)
-    scores = states[0].dtype if prefix_kernel(states[0].device, states[0].dtype) else score_dtype(states[0].dtype)
-    kv = [(k.to(scores), v) for k, v in (layout.input_kv(j, states[j], positions) for j in range(L))]
+    keys = cache_key_dtype(states[0].device, states[0].dtype)
+    kv = [(k.to(keys), v) for k, v in (layout.input_kv(j, states[j], positions) for j in range(L))]
     clean_in = [None, *clean["hidden"]]
     kinds, layer, t_ = spec[:, 1], spec[:, 2], spec[:, 3]
     enter = torch.where(kinds == 0, layer + 1, lo)

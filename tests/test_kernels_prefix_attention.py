@@ -167,13 +167,13 @@ def test_the_chunk_estimate_counts_the_cache_the_kernels_keep(monkeypatch):
     chunk estimate per cached prefix token says so; the shared-template cache still holds float32 keys."""
     import tiny
     from memit_fast import targets
-    from memit_fast.layouts import layout_for
+    from memit_fast.layouts import base, layout_for
 
     m = tiny.model("llama", dtype=torch.bfloat16)
     hp = tiny.hparams(m)
     layout = layout_for(m, hp)
     _, twin = targets._bytes_per_token(m, layout, hp)
-    monkeypatch.setattr(targets, "prefix_kernel", lambda device, dtype: True)
+    monkeypatch.setattr(base, "prefix_kernel", lambda device, dtype: True)
     _, with_kernels = targets._bytes_per_token(m, layout, hp)
     assert with_kernels[True] == twin[True]
     assert with_kernels[False] * (4 + 2) == twin[False] * (2 + 2)  # keys + values per element

@@ -75,6 +75,12 @@ def prefix_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0)) and env_setting("MEMIT_FAST_ATTENTION_KERNEL")
 
 
+def cache_key_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cached prefix keeps its keys in for a model of `dtype` on `device`: the model's
+    own for the Triton kernels, else the twin's scores' dtype (converted once, not at every read)."""
+    return dtype if prefix_kernel(device, dtype) else score_dtype(dtype)
+
+
 def attend_prefix(q, k, v, past, mask, scale=None) -> torch.Tensor:
     """`prefix_attention` (same arguments and result), through its Triton kernels where
     `prefix_kernel` says so, they take these shapes and they compile here, else the twin itself."""
@@ -459,9 +465,8 @@ class SuffixRunner:
             h, ctx = layout.start(suffix_ids, suffix_pos, cache)
             self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
         self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
-        if self.cache is not None and layout.split_prefix_attention:  # the twin's keys in the scores' dtype, once
-            self.cache.kv = {i: (k if prefix_kernel(k.device, k.dtype) else k.to(score_dtype(k.dtype)), v)
-                             for i, (k, v) in self.cache.kv.items()}
+        if self.cache is not None and layout.split_prefix_attention:
+            self.cache.kv = {i: (k.to(cache_key_dtype(k.device, k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
         self.positions = suffix_pos
         self.ctx = step_context(layout, ctx)
 
