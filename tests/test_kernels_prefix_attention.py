@@ -177,3 +177,20 @@ def test_the_chunk_estimate_counts_the_cache_the_kernels_keep(monkeypatch):
     _, with_kernels = targets._bytes_per_token(m, layout, hp)
     assert with_kernels[True] == twin[True]
     assert with_kernels[False] * (4 + 2) == twin[False] * (2 + 2)  # keys + values per element
+
+
+def test_a_bad_switch_value_is_one_clear_error_and_the_weights_stay(monkeypatch):
+    """MEMIT_FAST_ATTENTION_KERNEL is read wherever z runs, the CPU included (there it picks
+    nothing, but a value other than 0 or 1 is not ignored)."""
+    import memit_fast
+    import tiny
+    from memit_fast.config import ConfigError
+
+    monkeypatch.setenv("MEMIT_FAST_ATTENTION_KERNEL", "yes")
+    m = tiny.model("llama", dtype=torch.float32)
+    hp = tiny.hparams(m, v_num_grad_steps=2)
+    stats = tiny.stats(m, hp)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(ConfigError, match="MEMIT_FAST_ATTENTION_KERNEL='yes' must be 0 or 1"):
+        memit_fast.apply(m, tiny.tokenizer(), tiny.REQUESTS, hp, stats=stats, context_templates=tiny.TEMPLATES, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())

@@ -70,9 +70,11 @@ def prefix_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     from ..config import env_setting
     from ..kernels._triton import HAVE_TRITON
 
+    if not env_setting("MEMIT_FAST_ATTENTION_KERNEL"):  # read first: a bad value is an error on the CPU too
+        return False
     if device.type != "cuda" or not HAVE_TRITON or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return torch.cuda.get_device_capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0)) and env_setting("MEMIT_FAST_ATTENTION_KERNEL")
+    return torch.cuda.get_device_capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0))
 
 
 def cache_key_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
