@@ -84,6 +84,21 @@ def _gather(obj) -> list:
     return out
 
 
+def _profiled(fn, rows: int, tables: list):
+    """fn under torch.profiler; appends the table of the `rows` ops of most device time (self) to `tables`."""
+
+    def run():
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            out = fn()
+        tables.append((prof, "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", rows))
+        return out
+
+    return run
+
+
 def cmd_dp(args) -> int:
     import memit_fast
     from memit_fast import distributed
@@ -98,6 +113,8 @@ def cmd_dp(args) -> int:
         for p in model.parameters():
             torch.distributed.broadcast(p.data, 0)
     hp = memit_fast.presets.for_model(model)
+    if args.z_steps:
+        hp = hp.replace(v_num_grad_steps=args.z_steps)
     ctx = results_store.context(f"distributed_bench dp {args.model} {n}", " ".join(["torchrun --nproc-per-node", str(n), "-m benchmarks.distributed_bench", *sys.argv[1:]]))
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -109,7 +126,8 @@ def cmd_dp(args) -> int:
         if rank != 0:
             return
         statistics = phase == "statistics"
-        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model)}
+        params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model),
+                  "z_steps": hp.v_num_grad_steps, "profiled_rank0": bool(args.profile_rows)}
         kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
         rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
                                  n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
@@ -131,9 +149,14 @@ def cmd_dp(args) -> int:
             if distributed.active():
                 torch.distributed.broadcast(s.mom2, 0)
         timer = PhaseTimer()
-        _, info = _phase(lambda: memit_fast.apply(model, tok, requests, hp, stats=given, context_templates=synthetic.TEMPLATES,
-                                                  progress=False, return_orig_weights=False, timer=timer))  # fmt: skip
+        edit = lambda: memit_fast.apply(model, tok, requests, hp, stats=given, context_templates=synthetic.TEMPLATES,  # noqa: E731
+                                        progress=False, return_orig_weights=False, timer=timer)  # fmt: skip
+        tables = []
+        _, info = _phase(_profiled(edit, args.profile_rows, tables) if args.profile_rows and rank == 0 else edit)
         info["phases"] = {k: round(v["seconds"], 3) for k, v in timer.totals().items()}
+        for prof, key, rows in tables:  # printed after the timing
+            print(f"profile of the edits, rank {rank} of {n} (its time includes the profiler's overhead):\n"
+                  f"{prof.key_averages().table(sort_by=key, row_limit=rows)}", flush=True)
         emit("edits", info)
     distributed.shutdown()
     return 0
@@ -316,6 +339,10 @@ def main(argv=None) -> int:
     dp.add_argument("--model", default="gpt-j-6b", choices=synthetic.MODELS)
     dp.add_argument("--stats-tokens", type=int, default=2_000_000, help="tokens of the statistics pass (0: none)")
     dp.add_argument("--edits", type=int, default=2000, help="edits (0: none)")
+    dp.add_argument("--z-steps", type=int, default=0, help="z's optimisation steps (0: the preset's; 1: z is one forward, which times the "
+                    "other phases of a large batch quickly)")
+    dp.add_argument("--profile-rows", type=int, default=0, help="rank 0 profiles the edits (torch.profiler; its times then include the "
+                    "profiler's overhead) and prints this many rows")
     split.add_argument("--model", default="neox-20b", choices=list(SPLIT_MODELS))
     split.add_argument("--gpus", type=int, default=2)
     split.add_argument("--stats-tokens", type=int, default=1_000_000, help="tokens of the statistics pass (0: none; the edits then use synthetic statistics)")
