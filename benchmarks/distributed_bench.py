@@ -115,6 +115,11 @@ def cmd_dp(args) -> int:
     hp = memit_fast.presets.for_model(model)
     if args.z_steps:
         hp = hp.replace(v_num_grad_steps=args.z_steps)
+    if args.prefix_cache:
+        from memit_fast.layouts import layout_for
+
+        family = type(layout_for(model, hp))
+        family.shared_prefix, family.prefix_from_templates = args.prefix_cache == "shared", args.prefix_cache == "templates"
     ctx = results_store.context(f"distributed_bench dp {args.model} {n}", " ".join(["torchrun --nproc-per-node", str(n), "-m benchmarks.distributed_bench", *sys.argv[1:]]))
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -127,7 +132,7 @@ def cmd_dp(args) -> int:
             return
         statistics = phase == "statistics"
         params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model),
-                  "z_steps": hp.v_num_grad_steps, "profiled_rank0": bool(args.profile_rows)}
+                  "z_steps": hp.v_num_grad_steps, "profiled_rank0": bool(args.profile_rows), "prefix_cache": args.prefix_cache or "default"}
         kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
         rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
                                  n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
@@ -341,6 +346,9 @@ def main(argv=None) -> int:
     dp.add_argument("--edits", type=int, default=2000, help="edits (0: none)")
     dp.add_argument("--z-steps", type=int, default=0, help="z's optimisation steps (0: the preset's; 1: z is one forward, which times the "
                     "other phases of a large batch quickly)")
+    dp.add_argument("--prefix-cache", choices=["templates", "per-row", "shared"], default=None,
+                    help="z's prefix cache (default: the library's): per row built from the templates computed once, per row from whole "
+                         "prefixes, or the templates held once")
     dp.add_argument("--profile-rows", type=int, default=0, help="rank 0 profiles the edits (torch.profiler; its times then include the "
                     "profiler's overhead) and prints this many rows")
     split.add_argument("--model", default="neox-20b", choices=list(SPLIT_MODELS))

@@ -4,7 +4,8 @@
 1. each prompt is split at the subject's last token s: the prefix [0, s) never changes during the
    optimisation, so its attention keys/values are computed once, per layer (`layouts.PrefixCache`);
    the context template's own tokens, the same in every request, once per chunk and template
-   (`layouts.shared_prefix`, family layouts), each row keeping only the tokens after them;
+   (`layouts.shared_prefix`, family layouts), then copied into each row's cache (or held once,
+   each row keeping only the tokens after them, with `Layout.shared_prefix`);
 2. layers 0..L run once, without gradients, over the suffix [s, end); each step runs only layers
    L+1..v_loss_layer over the suffix, on top of the cached prefix (`layouts.SuffixRunner`);
 3. the vocabulary projection is taken at the target positions and the KL position only;
@@ -92,17 +93,14 @@ def _make_chunk(rows: list[RequestRows], n_rows: int, pad: int, device) -> _Chun
     # absolute positions; a padded token repeats its row's last position (it stays in range)
     last = torch.tensor([s + len(x) - 1 for s, x in zip(starts, suffixes)], device=device)
     suffix_pos = torch.minimum(torch.tensor(starts, device=device)[:, None] + torch.arange(suffix_ids.shape[1], device=device), last[:, None])
-    n_t, T = len(rows[0].target_start), max(len(r.target) for r in rows)
-    target_pos = torch.zeros(len(rows), n_t, T, dtype=torch.long)
-    target_ids = torch.zeros(len(rows), n_t, T, dtype=torch.long)
-    target_mask = torch.zeros(len(rows), n_t, T)
-    for b, r in enumerate(rows):
-        for j in range(n_t):
-            n = len(r.target)
-            target_pos[b, j, :n] = torch.arange(n) + r.target_start[j] - r.lookup[j]
-            target_ids[b, j, :n] = torch.tensor(r.target)
-            target_mask[b, j, :n] = 1
-    return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device), target_ids.to(device), target_mask.to(device))
+    # per request b and rewriting row j, target token t: its suffix position and id (0 past the target)
+    n_t = len(rows[0].target_start)
+    target_ids, real = pad_right([r.target for r in rows], 0)  # (B, T)
+    offset = torch.tensor([[s - lk for s, lk in zip(r.target_start, r.lookup[:n_t])] for r in rows])  # (B, n_t)
+    target_pos = (offset[:, :, None] + torch.arange(real.shape[1])) * real[:, None]
+    n_t_view = (len(rows), n_t, real.shape[1])
+    return _Chunk(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_pos, target_pos.to(device),
+                  target_ids[:, None].expand(n_t_view).to(device), real[:, None].expand(n_t_view).float().to(device))
 
 
 def _template_tokens(rows: list[RequestRows], n_rows: int) -> list[list[int]]:
@@ -204,18 +202,21 @@ def compute_targets(
             for batch in length_batches([padded[i] for i in group], chunk_tokens or 4096):
                 run([group[j] for j in batch], templates)
             continue
-        # cached prefix tokens per request: its rows' widest part after the shared template
-        prefix = {i: n_rows * _cached_prefix(rows[i], n_rows, templates) for i in group}
+        # cached prefix tokens per request: its rows' widest part after the shared template, after
+        # the template's slots (padded to the longest) where the cache is laid out per row
+        held_once = any(templates) and layout.shared_prefix
+        slots = 0 if held_once else max(map(len, templates))
+        prefix = {i: n_rows * (_cached_prefix(rows[i], n_rows, templates) + slots) for i in group}
         todo = sorted(group, key=lambda i: padded[i], reverse=True)  # longest suffixes first
         while todo:
-            take, estimate = planner.next_chunk([padded[i] for i in todo], [prefix[i] for i in todo], shared=any(templates))
+            take, estimate = planner.next_chunk([padded[i] for i in todo], [prefix[i] for i in todo], shared=held_once)
             chunk = todo[:take]
             planner.measure(lambda: run(chunk, templates), estimate)
             todo = todo[take:]
     bar.close()
     log.info("z: %d requests in %d chunks (%s), %s layout, templates' keys and values %s", len(rows), n_chunks,
              planner.describe() if planner else f"{chunk_tokens or 4096} padded suffix tokens", getattr(layout, "family", "?"),
-             "shared" if shares else "per row")
+             ("held once" if layout.shared_prefix else "computed once, cached per row") if shares else "per row")
     if not torch.isfinite(z).all():
         raise TargetError("a target vector z is NaN or inf")
     return z
@@ -228,8 +229,9 @@ CAP_MARGIN = 2**30  # bytes left free under a memory cap for the allocator's rou
 
 
 def _shares_templates(layout) -> bool:
-    """The layout holds the context templates' keys and values once per chunk (shortcut 1)."""
-    return getattr(layout, "shared_prefix", False) and hasattr(layout, "shared_suffix_runner")
+    """The layout computes the context templates' keys and values once per chunk (shortcut 1),
+    and holds them once (`shared_prefix`) or copies them into each row's cache (`prefix_from_templates`)."""
+    return hasattr(layout, "shared_suffix_runner") and (layout.shared_prefix or layout.prefix_from_templates)
 
 
 class ChunkPlanner:
@@ -345,7 +347,8 @@ def _optimise_chunk(model, layout, tok, rows: list[RequestRows], templates: list
     # templates' keys and values once per chunk where the layout can (shortcut 1).
     split = _shared_split(rows, n_rows, templates, pad_id(tok), device) if any(templates) else None
     if split is not None and split[-1].any():
-        runner = layout.shared_suffix_runner(*split[:4], c.suffix_ids, c.suffix_pos, L, loss_layer, uses=split[4])
+        make = layout.shared_suffix_runner if layout.shared_prefix else layout.template_suffix_runner
+        runner = make(*split[:4], c.suffix_ids, c.suffix_pos, L, loss_layer, uses=split[4])
     else:
         runner = layout.suffix_runner(c.prefix_ids, c.prefix_mask, c.suffix_ids, c.suffix_mask, c.suffix_pos, L, loss_layer)
     h_L = runner.hidden  # (R, S, d)

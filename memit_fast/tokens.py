@@ -8,6 +8,8 @@ target tokens are the same in every prompt.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 import torch
@@ -137,13 +139,11 @@ def check_context(requests, encoded: list[EncodedRequest], config) -> None:
 
 def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (n_rows, max_len), right padded."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    real = torch.arange(int(lengths.max())) < lengths[:, None]
+    ids = torch.full(real.shape, pad_id, dtype=torch.long)
+    ids[real] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)  # row-major: each row's tokens in order
+    return ids.to(device), real.long().to(device)
 
 
 def pad_id(tok) -> int:

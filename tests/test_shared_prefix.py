@@ -33,7 +33,9 @@ def _batch(seed=0):
     return templates, rows
 
 
-def _runners(layout, layer, stop, device="cpu"):
+def _runners(layout, layer, stop, device="cpu", from_templates=False):
+    """(the per-row runner over whole prefixes, the shared-template runner (from_templates: the
+    per-row runner built from the templates' keys and values), the suffixes' mask) of `_batch`."""
     templates, rows = _batch()
     template_ids, template_mask = _pad(templates)
     template_mask[[j for j, t in enumerate(templates) if not t]] = 0
@@ -50,18 +52,25 @@ def _runners(layout, layer, stop, device="cpu"):
     prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, template_ids, template_mask, own_ids, own_mask, uses = (
         t.to(device) for t in (prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, template_ids, template_mask, own_ids, own_mask, uses))
     per_row = layout.suffix_runner(prefix_ids, prefix_mask, suffix_ids, suffix_mask, pos, layer, stop)
-    shared = layout.shared_suffix_runner(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop, uses=uses)
-    return per_row, shared, suffix_mask
+    make = layout.template_suffix_runner if from_templates else layout.shared_suffix_runner
+    other = make(template_ids, template_mask, own_ids, own_mask, suffix_ids, pos, layer, stop, uses=uses)
+    return per_row, other, suffix_mask
 
 
+@pytest.mark.parametrize("from_templates", [False, True], ids=["held-once", "copied-per-row"])
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("name", NAMES)
-def test_shared_template_cache_equals_per_row_cache(name, layer):
+def test_shared_template_cache_equals_per_row_cache(name, layer, from_templates):
+    """The templates' keys and values computed once, held once or copied into each row's cache
+    (its key slots then the template's, padding, the own prefix's), give the runner over whole
+    prefixes: block `layer`'s output, the forward, the forward after the batch shrinks."""
     close = functools.partial(_assert_close, rtol=_rtol(name))
     layout = _layout(name)
     stop = layout.n_layers - 1
-    per_row, shared, mask = _runners(layout, layer, stop)
+    per_row, shared, mask = _runners(layout, layer, stop, from_templates=from_templates)
     assert shared.cache.length.tolist() == per_row.cache.length.tolist()
+    if from_templates:
+        assert type(shared) is type(per_row) and sorted(shared.cache.kv) == sorted(per_row.cache.kv)
     close(shared.hidden, per_row.hidden, mask, "block layer's output")
     delta = torch.randn(per_row.hidden.shape, generator=torch.Generator().manual_seed(3), dtype=per_row.hidden.dtype)
     with torch.no_grad():
@@ -74,8 +83,9 @@ def test_shared_template_cache_equals_per_row_cache(name, layer):
             keep = keep[rows]
             h = per_row.hidden[keep] + delta[keep]
             close(shared.forward(h), per_row.forward(h), mask[keep], f"forward after keeping rows {keep.tolist()}")
-    with pytest.raises(ValueError):
-        shared.select(torch.tensor([0, 1]))  # not whole requests
+    if not from_templates:
+        with pytest.raises(ValueError):
+            shared.select(torch.tensor([0, 1]))  # not whole requests
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -110,17 +120,19 @@ def test_shared_prefix_attention_equals_prefix_attention(heads, kv_heads, dtype,
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("from_templates", [False, True], ids=["held-once", "copied-per-row"])
 @pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "neox-parallel", "llama-gqa", "mistral-sliding-window"])
-def test_shared_template_cache_in_bfloat16_on_the_gpu(name):
-    """bf16 on the GPU: the shared-template runner's forward is within twice the per-row runner's
-    own bf16 error, both against the per-row runner in float64 over the same (bf16-rounded) weights."""
+def test_shared_template_cache_in_bfloat16_on_the_gpu(name, from_templates):
+    """bf16 on the GPU: the shared-template runner's forward (or the per-row runner built from the
+    templates, whose steps run the Triton kernels) is within twice the per-row runner's own bf16
+    error, both against the per-row runner in float64 over the same (bf16-rounded) weights."""
     import copy
 
     model = copy.deepcopy(_model(name)).to("cuda", torch.bfloat16)
     reference = copy.deepcopy(model).to(torch.float64)
     layouts = [layout_for(m, _hparams(m)) for m in (model, reference)]
     assert all(type(lay) is FAMILIES[CONFIGS[name][0]] for lay in layouts)
-    (per_row, shared, mask), (ref, _, _) = (_runners(lay, 0, lay.n_layers - 1, "cuda") for lay in layouts)
+    (per_row, shared, mask), (ref, _, _) = (_runners(lay, 0, lay.n_layers - 1, "cuda", from_templates) for lay in layouts)
     delta = torch.randn(ref.hidden.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
     keep = mask.cuda().bool()
     with torch.no_grad():

@@ -135,10 +135,14 @@ def test_kl_row_read_from_the_bare_row(monkeypatch):
     assert _rel(with_shortcut, without_shortcut) < 1e-9
 
 
+RUNNERS = {"shared": "shared_suffix_runner", "templates": "template_suffix_runner", "per_row": "suffix_runner"}
+
+
 def _spy_runners(monkeypatch, layout):
-    """Count the layout's shared-template and per-row runner builds."""
-    calls = {"shared": 0, "per_row": 0}
-    for name, key in (("shared_suffix_runner", "shared"), ("suffix_runner", "per_row")):
+    """Count the layout's runner builds: templates held once ("shared"), templates computed once
+    and copied per row ("templates"), every row's whole prefix ("per_row")."""
+    calls = dict.fromkeys(RUNNERS, 0)
+    for key, name in RUNNERS.items():
         method = getattr(layout, name)
 
         def counted(*a, method=method, key=key, **k):
@@ -149,29 +153,47 @@ def _spy_runners(monkeypatch, layout):
     return calls
 
 
+def _cache_mode(monkeypatch, layout, mode: str) -> None:
+    """The layout's prefix cache: "shared", "templates" (the default) or "per_row"."""
+    monkeypatch.setattr(type(layout), "shared_prefix", mode == "shared")
+    monkeypatch.setattr(type(layout), "prefix_from_templates", mode == "templates")
+
+
+def test_default_cache_is_built_from_the_templates():
+    """The default: the per-row cache, built with the templates' keys and values computed once."""
+    from memit_fast.layouts import layout_for
+
+    m = tiny.model("llama")
+    layout = layout_for(m, tiny.hparams(m))
+    assert (layout.shared_prefix, layout.prefix_from_templates) == (False, True)
+
+
 @pytest.mark.parametrize("arch", tiny.ARCHS)
-def test_shared_template_cache_does_not_change_z(arch, monkeypatch):
-    """Shortcut 1's shared part: the context templates' keys and values held once per chunk give
-    the z of the per-row prefix cache (float64), early stops (the batch shrinking) included."""
+def test_template_caches_do_not_change_z(arch, monkeypatch):
+    """Shortcut 1's shared part: the context templates' keys and values computed once per chunk,
+    held once or copied into each row's cache, give the z of the per-row prefix cache built from
+    whole prefixes (float64), early stops (the batch shrinking) included."""
     from memit_fast.layouts import layout_for
 
     m, tok = tiny.model(arch), tiny.tokenizer()
     hp = tiny.hparams(m, v_num_grad_steps=8)
     reqs = normalize_requests(tiny.REQUESTS)
     layout = layout_for(m, hp)
-    monkeypatch.setattr(type(layout), "shared_prefix", True)  # off by default (benchmarks/NOTES.md)
     calls = _spy_runners(monkeypatch, layout)
     first = [_step0_loss(m, tok, r, hp) for r in reqs]
     monkeypatch.setattr(targets, "STOP_LOSS", sorted(first)[1] + 1e-6)  # some stop at once, the others go on
-    shared = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
-    assert calls == {"shared": 2, "per_row": 0}  # one chunk per KL-row group
-    monkeypatch.setattr(type(layout), "shared_prefix", False)
-    per_row = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
-    assert calls == {"shared": 2, "per_row": 2}
-    assert _rel(shared, per_row) < 1e-9
+    z = {}
+    for mode in RUNNERS:
+        _cache_mode(monkeypatch, layout, mode)
+        z[mode] = compute_targets(m, tok, reqs, hp, tiny.TEMPLATES, progress=False, layout=layout)
+        assert calls[mode] == 2  # one chunk per KL-row group
+    assert sum(calls.values()) == 6
+    assert _rel(z["shared"], z["per_row"]) < 1e-9
+    assert _rel(z["templates"], z["per_row"]) < 1e-9
 
 
-def test_rows_without_their_template_fall_back_per_row(monkeypatch):
+@pytest.mark.parametrize("mode", ["shared", "templates"])
+def test_rows_without_their_template_fall_back_per_row(mode, monkeypatch):
     """A row that does not start with its template's tokens (those of more than half of the
     requests) keeps its whole prefix per row, and z is unchanged; when no request's rows start
     with shared tokens, the chunk runs the per-row prefix cache."""
@@ -198,22 +220,24 @@ def test_rows_without_their_template_fall_back_per_row(monkeypatch):
     split = targets._shared_split([targets.build_rows(e) for e in changed], 3, templates, 0, "cpu")
     assert split[-1].tolist() == [False, True, True] + [False, True, False] + [False, True, True] * 2
     layout = layout_for(m, hp)
-    monkeypatch.setattr(type(layout), "shared_prefix", True)  # off by default (benchmarks/NOTES.md)
     calls = _spy_runners(monkeypatch, layout)
+    _cache_mode(monkeypatch, layout, mode)
     z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
-    assert calls == {"shared": 1, "per_row": 0}
-    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    assert calls[mode] == 1 and calls["per_row"] == 0
+    _cache_mode(monkeypatch, layout, "per_row")
     alone = torch.cat([_compute_targets(m, tok, [e], hp, progress=False, layout=layout) for e in changed[:2]])
     assert _rel(z[:2], alone) < 1e-9
-    monkeypatch.setattr(type(layout), "shared_prefix", True)
+    _cache_mode(monkeypatch, layout, mode)
     # no tokens shared by more than half of the requests: the per-row prefix cache
     changed = [enc[0], first_token(enc[1], {1, 2}, other)]
     assert targets._template_tokens([targets.build_rows(e) for e in changed], 3) == [[], [], []]
     z = _compute_targets(m, tok, changed, hp, progress=False, layout=layout)
-    assert calls == {"shared": 1, "per_row": 3}
-    monkeypatch.setattr(type(layout), "shared_prefix", False)
+    assert calls[mode] == 1 and calls["per_row"] == 3
+    _cache_mode(monkeypatch, layout, "per_row")
     alone = torch.cat([alone[:1], _compute_targets(m, tok, changed[1:], hp, progress=False, layout=layout)])
     assert _rel(z, alone) < 1e-9
+
+
 def _plan(planner, suffix, prefix, shared=False):
     """Chunks (index lists) that planner.next_chunk makes of requests sorted longest suffix first."""
     todo, out = list(range(len(suffix))), []

@@ -136,10 +136,12 @@ def _to_device(x, device):
 @dataclass
 class PrefixCache:
     """Keys and values of a prefix, per layer (B, H_kv, P, h_d) after the rotary embedding, and its
-    mask (B, P) (1 = real token). Rows are selected once when the batch shrinks, not every step."""
+    mask (B, P) (1 = real token); positions (B, P): each key slot's position, None when the real
+    tokens come first (0..P-1). Rows are selected once when the batch shrinks, not every step."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
+    positions: torch.Tensor | None = None
 
     @property
     def length(self) -> torch.Tensor:
@@ -147,11 +149,12 @@ class PrefixCache:
         return self.mask.sum(1)
 
     def select(self, rows: torch.Tensor) -> "PrefixCache":
-        return PrefixCache({i: (k[rows.to(k.device)], v[rows.to(v.device)]) for i, (k, v) in self.kv.items()}, self.mask[rows])
+        kv = {i: (k[rows.to(k.device)], v[rows.to(v.device)]) for i, (k, v) in self.kv.items()}
+        return PrefixCache(kv, self.mask[rows], None if self.positions is None else self.positions[rows])
 
     def keep_layers(self, layers) -> "PrefixCache":
         keep = set(layers)
-        return PrefixCache({i: kv for i, kv in self.kv.items() if i in keep}, self.mask)
+        return PrefixCache({i: kv for i, kv in self.kv.items() if i in keep}, self.mask, self.positions)
 
 
 class HeadAccess:
@@ -182,6 +185,11 @@ class Layout(HeadAccess):
     # 4,096-token chunks the shared one ran 179 (per-row 170) in 25% less memory, so it waits for a
     # chunk estimate calibrated to it (benchmarks/z_probe.py --prefix shared,per-row compares them)
     shared_prefix = False
+    # with shared_prefix False: the per-row cache is built from the context templates' keys and
+    # values computed once per chunk (`template_suffix_runner`; True), or from every row's whole
+    # prefix (False). The same cache either way; the templates' tokens were ~60% of z's prefix
+    # tokens on CounterFact (benchmarks/NOTES.md, session 7)
+    prefix_from_templates = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -388,6 +396,11 @@ class Layout(HeadAccess):
 
         return SharedPrefixRunner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
 
+    def template_suffix_runner(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int, uses=None):
+        """`suffix_runner` whose per-row cache is built with the context templates' keys and values
+        computed once per chunk (`SuffixRunner.from_templates`; arguments as `shared_suffix_runner`'s)."""
+        return SuffixRunner.from_templates(self, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
+
     # ---- causal tracing (memit_fast/trace.py, docs/tracing.md) ----
     def block_parts(self, i: int, h: torch.Tensor, ctx: Context, attn_patch=None, mlp_patch=None, past=None):
         """Block i on h (B, S, d) -> (output, attention output, MLP output), each (B, S, d). A patch
@@ -461,22 +474,43 @@ class SuffixRunner:
     step runs only blocks layer+1..stop on an edited copy of it, reading the cached prefix."""
 
     def __init__(self, layout: Layout, prefix_ids, prefix_mask, suffix_ids, suffix_pos, layer: int, stop: int):
-        self.layout, self.layer, self.stop = layout, layer, stop
         with torch.no_grad():
             cache = layout.prefix_cache(prefix_ids, prefix_mask, stop + 1) if prefix_ids.shape[1] else None
             h, ctx = layout.start(suffix_ids, suffix_pos, cache)
-            self.hidden = layout.run(h, 0, layer + 1, ctx, cache)
-        self.cache = None if cache is None else cache.keep_layers(range(layer + 1, stop + 1))
-        if self.cache is not None and layout.split_prefix_attention:
-            self.cache.kv = {i: (k.to(cache_key_dtype(k.device, k.dtype)), v) for i, (k, v) in self.cache.kv.items()}
-        self.positions = suffix_pos
-        self.ctx = step_context(layout, ctx)
+            hidden = layout.run(h, 0, layer + 1, ctx, cache)
+        self._hold(layout, hidden, None if cache is None else cache.keep_layers(range(layer + 1, stop + 1)), suffix_pos, layer, stop)
+
+    @classmethod
+    def from_templates(cls, layout: Layout, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer: int, stop: int,
+                       uses=None) -> "SuffixRunner":
+        """The same runner with its cache built from the context templates' keys and values,
+        computed once per chunk (`shared_prefix.SharedPrefixRunner`'s pass; arguments as
+        `Layout.shared_suffix_runner`'s) and then laid out per row: a row's key slots are its
+        template's (padded to the longest template), then its own prefix's."""
+        from .shared_prefix import SharedPrefixRunner
+
+        built = SharedPrefixRunner(layout, template_ids, template_mask, own_ids, own_mask, suffix_ids, suffix_pos, layer, stop, uses)
+        runner = cls.__new__(cls)
+        runner._hold(layout, built.hidden, built.cache.to_per_row(), suffix_pos, layer, stop)
+        return runner
+
+    def _hold(self, layout: Layout, hidden: torch.Tensor, cache: PrefixCache | None, positions: torch.Tensor, layer: int, stop: int) -> None:
+        self.layout, self.layer, self.stop, self.hidden, self.positions = layout, layer, stop, hidden, positions
+        if cache is not None and layout.split_prefix_attention:
+            cache.kv = {i: (k.to(cache_key_dtype(k.device, k.dtype)), v) for i, (k, v) in cache.kv.items()}
+        self.cache = cache
+        self.ctx = step_context(layout, self._context())
+
+    def _context(self) -> Context:
+        cache = self.cache
+        return self.layout.context(self.hidden[:1], self.positions, None if cache is None else cache.mask,
+                                   prefix_positions=None if cache is None else cache.positions)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (the batch shrinks as requests converge)."""
         self.positions = self.positions[rows]
         self.cache = None if self.cache is None else self.cache.select(rows)
-        self.ctx = step_context(self.layout, self.layout.context(self.hidden[:1], self.positions, None if self.cache is None else self.cache.mask))
+        self.ctx = step_context(self.layout, self._context())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Block `stop`'s output from block `layer`'s output h (rows as selected)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import grouped_softmax, score_dtype, step_context
+from .base import PrefixCache, grouped_softmax, score_dtype, step_context
 
 
 def shared_prefix_attention(q, k, v, template, own, mask, n: int, scale=None) -> torch.Tensor:
@@ -95,6 +95,24 @@ class SharedPrefixCache:
     def length(self) -> torch.Tensor:
         """(R,) real prefix tokens per row: the position of the row's first suffix token."""
         return self.template_length + self.own_mask.sum(1)
+
+    def to_per_row(self) -> PrefixCache:
+        """The same keys and values laid out per row (keys in the values' dtype, as a per-row cache
+        keeps them): row r's key slots are its template's T (template r % n), then its own P, with
+        `mask` and `key_positions`. Each layer's own part is dropped from this cache as it is
+        copied, so the two layouts are not held in full at once."""
+        kv = {}
+        R, P = self.own_mask.shape
+        for i, (tk, tv) in self.template.items():
+            n, H_kv, T, hd = tv.shape
+            k, v = (torch.empty(R, H_kv, T + P, hd, dtype=tv.dtype, device=tv.device) for _ in range(2))
+            for out, t in ((k, tk), (v, tv)):  # template j into the rows b * n + j of every request b
+                out.view(R // n, n, H_kv, T + P, hd)[:, :, :, :T] = t
+            if P:
+                ok, ov = self.own.pop(i)
+                k[:, :, T:], v[:, :, T:] = ok, ov
+            kv[i] = (k, v)
+        return PrefixCache(kv, self.mask, self.key_positions)
 
     def select(self, rows: torch.Tensor) -> "SharedPrefixCache":
         """Keep these rows (whole requests: n consecutive rows each)."""
