@@ -122,6 +122,8 @@ def cmd_dp(args) -> int:
         family.shared_prefix, family.prefix_from_templates = args.prefix_cache == "shared", args.prefix_cache == "templates"
     ctx = results_store.context(f"distributed_bench dp {args.model} {n}", " ".join(["torchrun --nproc-per-node", str(n), "-m benchmarks.distributed_bench", *sys.argv[1:]]))
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
+    # runs that are not the library's edit say so in their records' name
+    variant = "".join([f", z {args.z_steps} step(s)" if args.z_steps else "", f", prefix cache {args.prefix_cache}" if args.prefix_cache else ""])
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
 
     def emit(phase: str, info: dict) -> None:
@@ -133,7 +135,7 @@ def cmd_dp(args) -> int:
         statistics = phase == "statistics"
         params = {"gpus": n, "per_rank": per_rank, "build_s": round(build_s, 2), "model_tiny": args.tiny, "z_attention": synthetic.z_attention(model),
                   "z_steps": hp.v_num_grad_steps, "profiled_rank0": bool(args.profile_rows), "prefix_cache": args.prefix_cache or "default"}
-        kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}")
+        kind, name = ("stats", f"distributed statistics {label}") if statistics else ("profile_run", f"distributed edits {label}{variant}")
         rec = results_store.make(kind, name, "seconds", max(r["seconds"] for r in per_rank), "s", ctx, model=args.model,
                                  n_edits=None if statistics else args.edits, shape={"tokens": per_rank[0]["tokens"]} if statistics else None,
                                  dtype=dtype, params=params, note=f"{n} rank(s), one GPU each; the slowest rank's wall time")  # fmt: skip
@@ -224,6 +226,8 @@ def cmd_split(args) -> int:
     print(json.dumps({"model": args.model, "built": params}), flush=True)
     ctx = results_store.context(f"distributed_bench split {args.model}", " ".join(["python -m benchmarks.distributed_bench", *sys.argv[1:]]))
     label = f"{args.model}{' (tiny)' if args.tiny else ''}"
+    # runs that are not the library's edit say so in their records' name
+    variant = "".join([f", z {args.z_steps} step(s)" if args.z_steps else "", f", prefix cache {args.prefix_cache}" if args.prefix_cache else ""])
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     note = f"one process, blocks over {args.gpus} GPUs in order (one GPU works at a time); random weights"
 

@@ -179,16 +179,17 @@ class Layout(HeadAccess):
     # attention over a cached prefix by `prefix_attention` (True), or by SDPA after joining the
     # prefix's keys and values to the rows' own (False: kept for benchmarks/z_probe.py's comparison)
     split_prefix_attention = True
-    # z's prefix cache holds each context template once per chunk (`shared_suffix_runner`, True),
-    # or every row's whole prefix (False, the default). Measured on an H200 (GPT-J, benchmarks/NOTES.md,
-    # session 3): at the default chunking the per-row cache ran 174 TFLOP/s, the shared one 152; at
-    # 4,096-token chunks the shared one ran 179 (per-row 170) in 25% less memory, so it waits for a
-    # chunk estimate calibrated to it (benchmarks/z_probe.py --prefix shared,per-row compares them)
+    # z's steps read each context template's keys and values held once per chunk
+    # (`shared_suffix_runner`, True), or a cache of every row's prefix (False, the default). Measured
+    # on an H200 (GPT-J, benchmarks/NOTES.md, session 3): at the default chunking the per-row cache
+    # ran 174 TFLOP/s, the shared one 152; at 4,096-token chunks the shared one ran 179 (per-row 170)
+    # in 25% less memory; since then the per-row cache's steps run the Triton kernels, the shared
+    # one's do not (benchmarks/z_probe.py --prefix shared,per-row compares them)
     shared_prefix = False
-    # with shared_prefix False: the per-row cache is built from the context templates' keys and
-    # values computed once per chunk (`template_suffix_runner`; True), or from every row's whole
-    # prefix (False). The same cache either way; the templates' tokens were ~60% of z's prefix
-    # tokens on CounterFact (benchmarks/NOTES.md, session 7)
+    # the per-row cache is built from the context templates' keys and values computed once per
+    # chunk and copied into each row (`template_suffix_runner`, True), or from every row's whole
+    # prefix (False): the same cache; the templates' tokens are ~60% of a CounterFact request's
+    # prefix tokens (benchmarks/NOTES.md, session 7)
     prefix_from_templates = True
 
     def __init__(self, model: nn.Module):
