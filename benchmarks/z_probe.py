@@ -1,6 +1,6 @@
-"""What bounds z on the GPU: one chunk size at a time, each prefix cache (`shared`: the context
-templates' keys and values once per chunk and each row's own prefix, layouts/shared_prefix.py,
-the default; `per-row`: every row's whole prefix) and attention over it (`triton`: the kernels of
+"""What bounds z on the GPU: one chunk size at a time, each prefix cache (`per-row`: every row's
+prefix, the default; `shared`: the context templates' keys and values held once per chunk and
+each row's own prefix, layouts/shared_prefix.py) and attention over it (`triton`: the kernels of
 kernels/prefix_attention.py, the library's default on a GPU; `split`: their twin
 layouts.base.prefix_attention; `sdpa`: SDPA over the prefix joined to the rows' keys, per-row
 cache only), eager or CUDA-graph steps, eager or compiled attention (`--compile`,
@@ -42,7 +42,7 @@ def _cache_bytes(cache) -> int:
 
 def _record_caches(layout, seen: list) -> None:
     """Wrap the layout's runner builders so each chunk's cache size is appended to `seen`."""
-    for name in ("suffix_runner", "shared_suffix_runner"):
+    for name in ("suffix_runner", "template_suffix_runner", "shared_suffix_runner"):
         build = getattr(type(layout), name)
 
         def wrapped(*a, build=build, **k):
@@ -51,51 +51,6 @@ def _record_caches(layout, seen: list) -> None:
             return runner
 
         setattr(layout, name, wrapped)
-
-
-class _LowPrecisionScores(torch.autograd.Function):
-    """q (N, M, h_d) @ k (N, K, h_d)^T of bf16/fp16 inputs as float32 scores, the products on the
-    tensor cores and accumulated in float32 (`torch.bmm(..., out_dtype=float32)`, whose own
-    backward torch 2.11 lacks); backward in the inputs' dtype from the scores' gradient rounded to
-    it (as flash attention forms dQ and dK). On the CPU (no such kernel): cast first."""
-
-    @staticmethod
-    def forward(ctx, q, k):
-        ctx.save_for_backward(q, k)
-        if q.is_cuda:
-            return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
-        return q.float() @ k.float().transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, ds):
-        q, k = ctx.saved_tensors
-        ds = ds.to(q.dtype)
-        return (torch.bmm(ds, k) if ctx.needs_input_grad[0] else None), (torch.bmm(ds.transpose(1, 2), q) if ctx.needs_input_grad[1] else None)
-
-
-def _prefix_attention_low_precision(q, k, v, past, mask, scale=None):
-    """layouts.base.prefix_attention with `_LowPrecisionScores` (keys cached in the model's dtype)."""
-    from memit_fast.layouts.base import grouped_softmax
-
-    B, H, S, hd = q.shape
-    H_kv, P = k.shape[1], past[0].shape[2]
-    M = H // H_kv * S
-    qg = q.reshape(B * H_kv, M, hd)
-    s = torch.cat([_LowPrecisionScores.apply(qg, past[0].reshape(B * H_kv, P, hd)), _LowPrecisionScores.apply(qg, k.reshape(B * H_kv, S, hd))], -1)
-    p = grouped_softmax(s.view(B, H_kv, H // H_kv, S, P + S), mask, hd**-0.5 if scale is None else scale, v.dtype)
-    return (p[..., :P] @ past[1] + p[..., P:] @ v).view(B, H, S, hd)
-
-
-_LIBRARY: dict = {}  # layouts.base's own prefix_attention and score_dtype, while the probe replaces them
-
-
-def _low_precision_scores(on: bool) -> None:
-    """Attention `split-bf16`: z's per-row prefix attention through `_prefix_attention_low_precision`,
-    the prefix keys kept in the model's dtype (a third less cache); off: the library's own."""
-    from memit_fast.layouts import base
-
-    _LIBRARY.setdefault("functions", (base.prefix_attention, base.score_dtype))
-    base.prefix_attention, base.score_dtype = (_prefix_attention_low_precision, lambda dtype: dtype) if on else _LIBRARY["functions"]
 
 
 def _kernel_resources() -> list[str]:
@@ -124,8 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", default="0,4096", help="comma-separated; 0 for compute_targets' default chunking")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prefix", default="shared,per-row", help="comma-separated: shared, per-row")
-    ap.add_argument("--attention", default="triton,split", help="comma-separated: triton, split, sdpa, split-bf16 (the last two: per-row "
-                    "prefix only; split-bf16: scores as bf16 products accumulated in float32, keys cached in bf16, an experiment)")
+    ap.add_argument("--attention", default="triton,split", help="comma-separated: triton, split, sdpa (sdpa: per-row prefix only)")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph steps")
     ap.add_argument("--compile", default="off,on", help="comma-separated: off (eager attention), on (memit_fast.layouts.fused)")
     ap.add_argument("--tokenizer", default=None)
@@ -171,13 +125,12 @@ def main(argv=None) -> int:
         runs = [(p, a, g, c) for p in args.prefix.split(",") for a in args.attention.split(",") for g in ((False, True) if args.graphs else (False,))
                 for c in args.compile.split(",")]
         for prefix, attention, graphs, compiled in runs:
-            if prefix == "shared" and attention != "split" or attention in ("split-bf16", "triton") and compiled == "on":
+            if prefix == "shared" and attention != "split" or attention == "triton" and compiled == "on":
                 continue
             os.environ["MEMIT_FAST_COMPILE"] = "1" if compiled == "on" else "0"
             os.environ["MEMIT_FAST_ATTENTION_KERNEL"] = "1" if attention == "triton" else "0"
             type(layout).shared_prefix = prefix == "shared"
             type(layout).split_prefix_attention = attention != "sdpa"
-            _low_precision_scores(attention == "split-bf16")
             # warm-up over the same requests (every shape: Triton compiles once per tile configuration)
             compute_targets(model, tok, enc, hp.replace(v_num_grad_steps=2), chunk_tokens=asked, progress=False, layout=layout, cuda_graphs=graphs)
             caches: list[int] = []
@@ -191,7 +144,7 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            for name in ("suffix_runner", "shared_suffix_runner"):
+            for name in ("suffix_runner", "template_suffix_runner", "shared_suffix_runner"):
                 delattr(layout, name)
             extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
             label = f"chunk {'default' if asked is None else asked:>7} ({ct:5d} tokens)"
@@ -199,7 +152,6 @@ def main(argv=None) -> int:
                   f"{dt / args.steps * 1e3:7.1f} ms/step  {work.flops / dt / 1e12:6.1f} TFLOP/s  z memory {extra:5.2f} GiB "
                   f"({extra * 2**30 / work.suffix_tokens / 2**20:5.2f} MiB per suffix token), prefix cache {max(caches) / 2**30:5.2f} GiB per chunk",
                   flush=True)
-    _low_precision_scores(False)
     for line in _kernel_resources() if cuda else ():
         print(line, flush=True)
     type(layout).shared_prefix, type(layout).split_prefix_attention = defaults  # the profile: the library's own settings
