@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with 2 GPUs, from the repository root:  bash benchmarks/device/run_distributed.sh [dp|split]
+# On a machine with 2 GPUs, from the repository root:  bash benchmarks/device/run_distributed.sh [dp|split|keys]
 # Several GPUs (issue 11, docs/distributed.md). Both modes first run the 2-GPU tests of tests/test_distributed.py
 # (`-m cuda`: tiny models of every family split over cuda:0 and cuda:1, blocks in order and alternating; forward,
 # statistics, z, keys and deltas equal to one GPU's).
@@ -11,6 +11,9 @@
 #   of its preset's critical layers: the same statistics pass and MEMIT_FAST_SPLIT_LLAMA_EDITS edits (default 128:
 #   1,000 do not fit the call; the summary gives the time per edit, and 1,000 edits' time marked extrapolated).
 #   Budget 545 s.
+# keys: the phases after z at MEMIT_FAST_DIST_EDITS edits (default 10000) with z of one step (`--z-steps 1`), 1 then 2
+#   ranks, then 2 ranks at 4,000 edits with rank 0 under torch.profiler (why the key phase did not halve on two GPUs in
+#   session 5, when it is linear on one: benchmarks/NOTES.md, session 7). Budget 300 s.
 # Each stage has a time limit inside MEMIT_FAST_DEVICE_BUDGET seconds; a benchmark appends each phase's record as soon
 # as the phase ends. Files go to $OUT (4): run.log, records.jsonl (merge it with
 # `python benchmarks/results_store.py merge OUT/records.jsonl`), gpu_memory.csv (nvidia-smi every 2 s: memory used
@@ -23,12 +26,12 @@
 #   MEMIT_FAST_DIST_LIMIT_2=220 MEMIT_FAST_DEVICE_BUDGET=575 bash benchmarks/device/run_distributed.sh dp
 set -u
 MODE=${1:-dp}
-[[ "$MODE" == dp || "$MODE" == split ]] || { echo "usage: $0 [dp|split]" >&2; exit 2; }
+[[ "$MODE" == dp || "$MODE" == split || "$MODE" == keys ]] || { echo "usage: $0 [dp|split|keys]" >&2; exit 2; }
 OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
-if [[ "$MODE" == split ]]; then BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-545}; else BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-420}; fi
+case $MODE in split) BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-545} ;; keys) BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-300} ;; *) BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-420} ;; esac
 TOKENS=${MEMIT_FAST_DIST_TOKENS:-2000000}
-EDITS=${MEMIT_FAST_DIST_EDITS:-2000}
+if [[ "$MODE" == keys ]]; then EDITS=${MEMIT_FAST_DIST_EDITS:-10000}; else EDITS=${MEMIT_FAST_DIST_EDITS:-2000}; fi
 SPLIT_TOKENS=${MEMIT_FAST_SPLIT_TOKENS:-1000000}
 NEOX_EDITS=${MEMIT_FAST_SPLIT_NEOX_EDITS:-1000}
 LLAMA_EDITS=${MEMIT_FAST_SPLIT_LLAMA_EDITS:-128}
@@ -61,7 +64,7 @@ if [[ -z "${MEMIT_FAST_DIST_TINY:-}" ]] && command -v nvidia-smi >/dev/null; the
 fi
 RUN=("$PY" -m torch.distributed.run --standalone)
 BENCH=(-m benchmarks.distributed_bench)
-if [[ -z "${MEMIT_FAST_DIST_TINY:-}" && "${MEMIT_FAST_DIST_TESTS:-1}" != 0 ]]; then
+if [[ -z "${MEMIT_FAST_DIST_TINY:-}" && "${MEMIT_FAST_DIST_TESTS:-1}" != 0 && "$MODE" != keys ]]; then
   stage gpu_tests 60 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_distributed.py -m cuda
   "$PY" benchmarks/results_store.py --path "$REC" add-pytest "$LOG" --name "distributed GPU tests" \
     --command "pytest tests/test_distributed.py -m cuda" >>"$LOG" 2>&1
@@ -69,6 +72,11 @@ fi
 if [[ "$MODE" == dp ]]; then
   stage dp_1gpu "${MEMIT_FAST_DIST_LIMIT_1:-185}" "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
   stage dp_2gpu "${MEMIT_FAST_DIST_LIMIT_2:-115}" "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" dp "${TINY[@]}" --stats-tokens "$TOKENS" --edits "$EDITS" --records "$REC"
+elif [[ "$MODE" == keys ]]; then
+  KEYS=(dp "${TINY[@]}" --stats-tokens 0 --z-steps 1 --records "$REC")
+  stage keys_1gpu 90 "${RUN[@]}" --nproc-per-node 1 "${BENCH[@]}" "${KEYS[@]}" --edits "$EDITS"
+  stage keys_2gpu 70 "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" "${KEYS[@]}" --edits "$EDITS"
+  stage keys_2gpu_profile 120 "${RUN[@]}" --nproc-per-node 2 "${BENCH[@]}" "${KEYS[@]}" --edits $((EDITS * 2 / 5)) --profile-rows 40
 else
   stage split_neox20b 270 "$PY" "${BENCH[@]}" split "${TINY[@]}" --model neox-20b --gpus 2 --stats-tokens "$SPLIT_TOKENS" \
     --edits "$NEOX_EDITS" --records "$REC"
