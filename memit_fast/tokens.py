@@ -9,7 +9,6 @@ target tokens are the same in every prompt.
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass
 
 import torch
