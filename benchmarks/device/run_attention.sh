@@ -13,11 +13,8 @@ OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-540}
 EDITS=${MEMIT_FAST_ATTN_EDITS:-1000}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-LOG=$OUT/run.log
 . "$(dirname "$0")/stage.sh"
+device_env "$OUT/run.log"
 log_machine
 stage kernel_tests 90 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_prefix_attention.py
 stage z_probe 200 "$PY" -m benchmarks.z_probe --model gpt-j-6b --chunk-tokens 0 --prefix per-row --compile off --steps 6 \

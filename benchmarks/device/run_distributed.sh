@@ -42,15 +42,12 @@ if [[ -n "${MEMIT_FAST_DIST_TINY:-}" ]]; then
   SPLIT_TOKENS=${MEMIT_FAST_SPLIT_TOKENS:-20000}; NEOX_EDITS=${MEMIT_FAST_SPLIT_NEOX_EDITS:-8}; LLAMA_EDITS=${MEMIT_FAST_SPLIT_LLAMA_EDITS:-4}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0  # no NVLink multicast
 # split: the statistics' large buffers next to the weights (expandable segments: less fragmentation)
 [[ "$MODE" == split ]] && export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-LOG=$OUT/run.log
 REC=$OUT/records.jsonl
 . "$(dirname "$0")/stage.sh"
+device_env "$OUT/run.log"
 {
   echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT mode $MODE budget ${BUDGET}s"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

@@ -15,11 +15,8 @@ OUT=${OUT:-$PWD/device_out}
 PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-540}
 RUNS=${MEMIT_FAST_FORWARD_RUNS-gpt-j-6b:1000,5000}  # set and empty: no edit runs
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-LOG=$OUT/run.log
 . "$(dirname "$0")/stage.sh"
+device_env "$OUT/run.log"
 log_machine
 if [[ -n "${MEMIT_FAST_FORWARD_GGUF:-}" ]]; then
   export MEMIT_FAST_DEFAULT_GGUF=$MEMIT_FAST_FORWARD_GGUF MEMIT_FAST_CACHE=/tmp/memit_fast_cache

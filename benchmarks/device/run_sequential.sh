@@ -35,11 +35,9 @@ else
 fi
 D=$OUT/$NAME
 rm -rf "$D" && mkdir -p "$D"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-LOG=$D/run.log
 STAGE_MIN=10 STAGE_KILL=10 STAGE_SCALE=1
 . "$(dirname "$0")/stage.sh"
+device_env "$D/run.log"
 pack() {  # the folder as one archive and its summary beside it (the device returns few files)
   [[ -n ${MEM_PID:-} ]] && kill "$MEM_PID" 2>/dev/null
   cp "$D/summary.txt" "$OUT/$NAME.summary.txt" 2>/dev/null

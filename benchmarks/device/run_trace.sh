@@ -21,13 +21,10 @@ PY=${PYTHON:-python3}
 BUDGET=${MEMIT_FAST_DEVICE_BUDGET:-320}
 DATA=${MEMIT_FAST_TRACE_DATA:-.device/data}
 TINY=${MEMIT_FAST_TRACE_TINY:-}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export MEMIT_FAST_CACHE=${MEMIT_FAST_CACHE:-/tmp/memit_fast_cache}
-LOG=$OUT/run.log
 STAGE_MIN=15 STAGE_KILL=10
 . "$(dirname "$0")/stage.sh"
+device_env "$OUT/run.log"
 {
   echo "== $(date -u +%FT%TZ) commit $MEMIT_FAST_COMMIT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

@@ -1,4 +1,7 @@
-# Sourced by the device scripts (after BUDGET and LOG are set):
+# Sourced by the device scripts (BUDGET set before the first stage):
+#   device_env LOGFILE     what every device script sets: the log's folder made and LOG=LOGFILE, the
+#                          repository on PYTHONPATH, unbuffered Python, tqdm every 30 s, the commit
+#                          (MEMIT_FAST_COMMIT, for the records)
 #   log_machine            appends the date, commit, GPU and versions to $LOG
 #   stage NAME SECONDS CMD...
 # runs CMD with a time limit of SECONDS x STAGE_SCALE, cut to what is left of BUDGET seconds;
@@ -23,4 +26,10 @@ log_machine() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
     "${PY:-python3}" -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
   } >>"$LOG" 2>&1
+}
+device_env() {
+  LOG=$1
+  mkdir -p "$(dirname "$LOG")"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
+  export MEMIT_FAST_COMMIT=${MEMIT_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 }
