@@ -23,10 +23,17 @@ class EncodedPrompt:
 
 
 def encode_target(tok, target: str) -> list[int]:
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise RequestError(f"target {target!r} encodes to no tokens")
-    return list(ids)
+    return encode_targets(tok, [target])[0]
+
+
+def encode_targets(tok, targets: list[str]) -> list[list[int]]:
+    """Each target's token ids, without special tokens, in one tokenizer call; RequestError for a
+    target that encodes to no tokens."""
+    out = [list(ids) for ids in tok(targets, add_special_tokens=False)["input_ids"]]
+    for target, ids in zip(targets, out):
+        if not ids:
+            raise RequestError(f"target {target!r} encodes to no tokens")
+    return out
 
 
 def _covering(text: str, ids, offsets, start: int, end: int) -> tuple[list[int], int, int]:
@@ -98,11 +105,9 @@ def encode_requests(tok, requests, templates: list[str], fact_token: str) -> lis
             parts.append((t_before + r.before, r.subject, r.after + t_after))
         parts.append(("", r.subject, " is a"))
     encoded = encode_prompts(tok, parts, fact_token)
+    targets = encode_targets(tok, [r.target for r in requests])
     n = len(templates) + 1
-    return [
-        EncodedRequest(encoded[i * n : i * n + n - 1], encoded[i * n + n - 1], encode_target(tok, r.target))
-        for i, r in enumerate(requests)
-    ]
+    return [EncodedRequest(encoded[i * n : i * n + n - 1], encoded[i * n + n - 1], target) for i, target in enumerate(targets)]
 
 
 _CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
