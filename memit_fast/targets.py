@@ -304,7 +304,8 @@ def _bytes_per_token(model, layout, hparams: MEMITHyperParams) -> tuple[float, d
     token: its keys (float32, or the model's dtype in a per-row cache read by the Triton kernel) and
     values (model dtype) in the cache's blocks: L+1..v_loss_layer for the shared-template runner
     (it drops blocks 0..L as it goes), 0..v_loss_layer for the per-row cache (held while it is
-    built), every block for the generic layout."""
+    built from whole prefixes; built from the templates it holds less, which the planner's
+    measured scale finds), every block for the generic layout."""
     config = model.config
     d = hidden_size(model)
     d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d

@@ -68,9 +68,10 @@ def _dot_split(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(q, m_i, l_i, acc, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, col0, n0, n_keys,
-               rows_ok, offs_d, d_ok, scale, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """One block of keys n0.. of n_keys (mask columns col0 + n) folded into the running softmax."""
+def _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, col0, n0, n_keys, rows_ok, offs_d, d_ok, scale,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys n0.. of n_keys (mask columns col0 + n): (k, v, the scaled scores q k^T, where the
+    queries may attend)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_keys
     kv_ok = n_ok[:, None] & d_ok[None, :]
@@ -78,7 +79,16 @@ def _fwd_block(q, m_i, l_i, acc, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows,
     v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST) * scale
     allowed = tl.load(m_rows[:, None] + (col0 + offs_n)[None, :] * sm_k, mask=rows_ok[:, None] & n_ok[None, :], other=0)
-    s = tl.where(allowed != 0, s, float("-inf"))
+    return k, v, s, allowed != 0
+
+
+@triton.jit
+def _fwd_block(q, m_i, l_i, acc, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, col0, n0, n_keys,
+               rows_ok, offs_d, d_ok, scale, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of keys n0.. of n_keys (mask columns col0 + n) folded into the running softmax."""
+    k, v, s, allowed = _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, col0, n0, n_keys, rows_ok, offs_d, d_ok,
+                                  scale, BLOCK_N, UPCAST)
+    s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet
     p = tl.exp(s - m_safe[:, None])
@@ -86,6 +96,22 @@ def _fwd_block(q, m_i, l_i, acc, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _program(H_kv, S, D, REP: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b * H_kv + g, sub) holds query heads g * REP + sub * HEADS .. + HEADS - 1 of row b
+    as HEADS * BLOCK_S rows (row r: that head's query r % BLOCK_S). Returns (b, g, sub, each row's
+    query s and head, rows_ok, offs_d, d_ok)."""
+    b, g, sub = tl.program_id(0) // H_kv, tl.program_id(0) % H_kv, tl.program_id(1)
+    b = b.to(tl.int64)
+    r = tl.arange(0, HEADS * BLOCK_S)
+    j, s = sub * HEADS + r // BLOCK_S, r % BLOCK_S
+    rows_ok = (j < REP) & (s < S)
+    head = g * REP + j
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    return b, g, sub, s, head, rows_ok, offs_d, d_ok
 
 
 @triton.jit
@@ -97,15 +123,8 @@ def _prefix_attention_fwd(
     REP: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (b * H_kv + g, sub): query heads g * REP + sub * HEADS .. + HEADS - 1 of row b."""
-    b, g, sub = tl.program_id(0) // H_kv, tl.program_id(0) % H_kv, tl.program_id(1)
-    b = b.to(tl.int64)
-    r = tl.arange(0, HEADS * BLOCK_S)
-    j, s = sub * HEADS + r // BLOCK_S, r % BLOCK_S
-    rows_ok = (j < REP) & (s < S)
-    head = g * REP + j
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    """The output and log-sum-exp of the program's queries (`_program`)."""
+    b, g, sub, s, head, rows_ok, offs_d, d_ok = _program(H_kv, S, D, REP, HEADS, BLOCK_S, BLOCK_D)
     q = tl.load(q_ptr + b * sq_b + head[:, None] * sq_h + s[:, None] * sq_s + offs_d[None, :] * sq_d,
                 mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     m_rows = mask_ptr + b * sm_b + s * sm_s
@@ -131,14 +150,9 @@ def _probabilities(q, do, lse, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, s
                    d_ok, scale, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """(k, p, dp) of one block of keys: the keys, the probabilities recomputed from the saved
     log-sum-exp, and dp = do . v (float32)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_keys
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-    s = _dot(q, tl.trans(k), UPCAST) * scale
-    allowed = tl.load(m_rows[:, None] + (col0 + offs_n)[None, :] * sm_k, mask=rows_ok[:, None] & n_ok[None, :], other=0)
-    p = tl.where(allowed != 0, tl.exp(s - lse[:, None]), 0.0)
+    k, v, s, allowed = _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, m_rows, sm_k, col0, n0, n_keys, rows_ok, offs_d, d_ok,
+                                  scale, BLOCK_N, UPCAST)
+    p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
     return k, p, _dot(do, tl.trans(v), UPCAST)
 
 
@@ -165,14 +179,7 @@ def _prefix_attention_bwd(
 ):
     """dq of the program's queries; dk, dv of the row's own keys summed over its HEADS query heads
     (written to slot `sub`; the caller sums the slots of a group split over several programs)."""
-    b, g, sub = tl.program_id(0) // H_kv, tl.program_id(0) % H_kv, tl.program_id(1)
-    b = b.to(tl.int64)
-    r = tl.arange(0, HEADS * BLOCK_S)
-    j, s = sub * HEADS + r // BLOCK_S, r % BLOCK_S
-    rows_ok = (j < REP) & (s < S)
-    head = g * REP + j
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    b, g, sub, s, head, rows_ok, offs_d, d_ok = _program(H_kv, S, D, REP, HEADS, BLOCK_S, BLOCK_D)
     ok = rows_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b * sq_b + head[:, None] * sq_h + s[:, None] * sq_s + offs_d[None, :] * sq_d, mask=ok, other=0.0)
     do = tl.load(do_ptr + b * so_b + head[:, None] * so_h + s[:, None] * so_s + offs_d[None, :], mask=ok, other=0.0)
