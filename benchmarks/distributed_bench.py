@@ -365,6 +365,8 @@ def main(argv=None) -> int:
     s.add_argument("--records", required=True)
     s.add_argument("--append-scaling", action="store_true", help="append the scaling-efficiency records to --records")
     args = ap.parse_args(argv)
+    if args.cmd == "dp" and args.z_steps < 0:
+        ap.error(f"--z-steps must be 0 (the preset's) or more, got {args.z_steps}")
     return {"dp": cmd_dp, "split": cmd_split, "summary": cmd_summary}[args.cmd](args)
 
 

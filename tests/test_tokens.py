@@ -4,7 +4,7 @@ import pytest
 
 import tiny
 from memit_fast.errors import RequestError
-from memit_fast.tokens import encode_prompt, encode_target
+from memit_fast.tokens import encode_prompt, encode_target, encode_targets
 
 
 class _Slow:
@@ -80,3 +80,15 @@ def test_default_model_tokenizer():
     enc = encode_prompt(tok, "", "The Eiffel Tower", " is located in the city of")
     assert tok.decode(enc.ids[: enc.lookup + 1]) == "The Eiffel Tower"
     assert tok.decode(encode_target(tok, " Paris")) == " Paris"
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_targets_in_one_call(slow):
+    """encode_targets: each target's ids as encode_target gives them one by one; a target that
+    encodes to no tokens is a RequestError naming it."""
+    tok = tiny.tokenizer()
+    tok = _Slow(tok) if slow else tok
+    targets = [" Rome", " the Pacific Ocean", "x"]
+    assert encode_targets(tok, targets) == [encode_target(tok, t) for t in targets]
+    with pytest.raises(RequestError, match="target '' encodes to no tokens"):
+        encode_targets(tok, [" Rome", ""])
